@@ -1,0 +1,281 @@
+"""Model weights that cannot run code when loaded, with a model card and integrity checks.
+
+Why safetensors: a ``torch.save`` checkpoint is a pickle, and unpickling a file from the
+internet can execute arbitrary code. A safetensors file is a JSON header plus raw tensor
+bytes, so loading it only ever creates tensors.
+
+File layout produced by :func:`save_weights` for ``name.safetensors``:
+
+- ``name.safetensors``: the tensors; its header metadata holds ``model_card`` (the card as
+  a JSON string) and ``tensors_sha256`` (SHA-256 of the raw tensor bytes, so even a lone
+  file detects a flipped byte in its weights);
+- ``name.safetensors.sha256``: ``sha256sum``-compatible digest of the whole file;
+- ``name.json``: the model card (human readable) plus the file's SHA-256.
+
+:func:`load_weights` checks, in this order, that the file exists, is not a pickle/zip
+checkpoint, matches the expected SHA-256 (argument, else ``.sha256`` sidecar, else the JSON
+card), parses as safetensors, was made for the expected architecture (name and version) and
+that its tensor bytes match ``tensors_sha256``. Every failure raises :class:`WeightsError`
+with a message that says what to do.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import struct
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Union
+
+import torch
+
+from . import __version__
+from .errors import WeightsError
+from .result import NOT_FOR_DIAGNOSIS, Provenance
+
+log = logging.getLogger(__name__)
+
+PathLike = Union[str, Path]
+
+#: Keys in the safetensors header metadata (a str -> str mapping).
+META_CARD = "model_card"
+META_TENSORS_SHA = "tensors_sha256"
+META_FORMAT = "format"
+FORMAT_TAG = "covidctdx-weights-1"
+
+#: A safetensors header larger than this is certainly not one of our files.
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+@dataclass
+class ModelCard:
+    """What a weights file is, what it was trained on, and how well it did.
+
+    ``synthetic=True`` means the model only ever saw synthetic data; every output it
+    produces must carry :data:`result.NOT_FOR_DIAGNOSIS`.
+    """
+
+    architecture: str
+    architecture_version: str
+    config: Dict[str, Any]
+    training_data: str
+    synthetic: bool
+    metrics: Dict[str, Any] = field(default_factory=dict)
+    date: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    project_version: str = __version__
+    notes: str = ""
+
+    @property
+    def label(self) -> str:
+        """The label every output of these weights must show ("" for real-data weights)."""
+        return NOT_FOR_DIAGNOSIS if self.synthetic else ""
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = asdict(self)
+        d["label"] = self.label
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ModelCard":
+        try:
+            return cls(
+                architecture=str(d["architecture"]),
+                architecture_version=str(d["architecture_version"]),
+                config=dict(d.get("config") or {}),
+                training_data=str(d.get("training_data", "")),
+                synthetic=bool(d["synthetic"]),
+                metrics=dict(d.get("metrics") or {}),
+                date=str(d.get("date", "")),
+                project_version=str(d.get("project_version", "")),
+                notes=str(d.get("notes", "")),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise WeightsError(f"The model card is incomplete or malformed ({exc}).") from exc
+
+
+@dataclass
+class LoadedWeights:
+    """Verified tensors plus the card that describes them."""
+
+    state_dict: Dict[str, torch.Tensor]
+    card: ModelCard
+    sha256: str
+    path: Path
+
+    def provenance(self) -> Provenance:
+        """Provenance record shown next to every output of these weights."""
+        return Provenance(
+            model=self.card.architecture,
+            weights_file=self.path.name,
+            weights_sha256=self.sha256,
+            training_data=self.card.training_data,
+            not_for_diagnosis=self.card.synthetic,
+            project_version=__version__,
+            model_card=self.card.to_dict(),
+        )
+
+
+# ---------------------------------------------------------------------------- paths
+def sha256_sidecar(path: PathLike) -> Path:
+    """``name.safetensors`` -> ``name.safetensors.sha256``."""
+    path = Path(path)
+    return path.with_name(path.name + ".sha256")
+
+
+def card_sidecar(path: PathLike) -> Path:
+    """``name.safetensors`` -> ``name.json``."""
+    return Path(path).with_suffix(".json")
+
+
+def file_sha256(path: PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------- save
+def _serialise(tensors: Dict[str, torch.Tensor], metadata: Dict[str, str]) -> bytes:
+    from safetensors.torch import save
+
+    return save(tensors, metadata=metadata)
+
+
+def _data_section(blob: bytes) -> bytes:
+    (n,) = struct.unpack("<Q", blob[:8])
+    return blob[8 + n :]
+
+
+def save_weights(path: PathLike, state_dict: Mapping[str, torch.Tensor], card: ModelCard) -> str:
+    """Write ``state_dict`` + ``card`` as safetensors with sidecars; return the file SHA-256.
+
+    Tensors are detached, moved to CPU and made contiguous copies (safetensors refuses
+    shared storage). Non-tensor entries are an error: they would need pickle.
+    """
+    path = Path(path)
+    tensors: Dict[str, torch.Tensor] = {}
+    for k, v in state_dict.items():
+        if not isinstance(v, torch.Tensor):
+            raise TypeError(f"state_dict entry {k!r} is {type(v).__name__}, not a tensor")
+        tensors[k] = v.detach().cpu().contiguous().clone()
+    card_json = json.dumps(card.to_dict(), sort_keys=True)
+    # The data section does not depend on the metadata, so hash it from a first pass.
+    data_sha = hashlib.sha256(_data_section(_serialise(tensors, {}))).hexdigest()
+    blob = _serialise(tensors, {META_FORMAT: FORMAT_TAG, META_CARD: card_json, META_TENSORS_SHA: data_sha})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(blob)
+    tmp.replace(path)
+    digest = hashlib.sha256(blob).hexdigest()
+    sha256_sidecar(path).write_text(f"{digest}  {path.name}\n")
+    card_sidecar(path).write_text(json.dumps({**card.to_dict(), "sha256": digest, "file": path.name}, indent=2, sort_keys=True) + "\n")
+    log.info("saved %s (%d tensors, %.1f MB, sha256 %s)", path, len(tensors), len(blob) / 1e6, digest[:12])
+    return digest
+
+
+# ---------------------------------------------------------------------------- load
+def _sniff(path: Path, head: bytes, size: int) -> None:
+    """Refuse pickles / torch zip checkpoints before anything parses them."""
+    if head[:1] == b"\x80" or head[:2] == b"PK":
+        raise WeightsError(
+            f"{path.name} is a pickle/torch.save checkpoint, not a safetensors weights file. "
+            "Pickle files can run code when loaded, so CovidCTDx refuses them; convert the "
+            "checkpoint with a trusted script (CovidCTDxLib.weights.save_weights)."
+        )
+    if size < 8:
+        raise WeightsError(f"{path.name} is only {size} bytes: the weights file is truncated. Download or copy it again.")
+    (n,) = struct.unpack("<Q", head[:8])
+    if n > _MAX_HEADER_BYTES or 8 + n > size or head[8:9] != b"{":
+        raise WeightsError(
+            f"{path.name} is not a valid safetensors weights file (truncated or corrupt header). "
+            "Download or copy it again."
+        )
+
+
+def _expected_digest(path: Path, expected: Optional[str]) -> Optional[str]:
+    if expected:
+        return expected.strip().lower()
+    side = sha256_sidecar(path)
+    if side.exists():
+        text = side.read_text().split()
+        if text:
+            return text[0].strip().lower()
+    card = card_sidecar(path)
+    if card.exists():
+        try:
+            sha = json.loads(card.read_text()).get("sha256")
+        except (ValueError, AttributeError):
+            sha = None
+        if sha:
+            return str(sha).lower()
+    return None
+
+
+def load_weights(
+    path: PathLike,
+    expected_architecture: str,
+    expected_sha256: Optional[str] = None,
+    expected_version: Optional[str] = None,
+) -> LoadedWeights:
+    """Load and verify a weights file written by :func:`save_weights`.
+
+    Args:
+        path: the ``.safetensors`` file.
+        expected_architecture: e.g. ``"deepsc-covid"``; a file for another model is refused.
+        expected_sha256: digest to check against; by default the ``.sha256`` sidecar, then
+            the JSON card's ``sha256``. Without any of them only the embedded tensor digest
+            is checked (still catches truncation and flipped weight bytes).
+        expected_version: if given, the card's ``architecture_version`` must equal it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"Weights file not found: {path}. Check the --weights path or reinstall the demo weights.")
+    data = path.read_bytes()
+    _sniff(path, data[:9], len(data))
+    digest = hashlib.sha256(data).hexdigest()
+    want = _expected_digest(path, expected_sha256)
+    if want is not None and want != digest:
+        raise WeightsError(
+            f"{path.name} does not match its SHA-256 (expected {want[:16]}…, file has {digest[:16]}…): "
+            "the file is truncated, corrupt or was modified. Do not use it; restore the original."
+        )
+    from safetensors import SafetensorError
+    from safetensors.torch import load as st_load
+
+    (n,) = struct.unpack("<Q", data[:8])
+    try:
+        header = json.loads(data[8 : 8 + n].decode("utf-8"))
+        metadata = header.get("__metadata__") or {}
+    except (UnicodeDecodeError, ValueError, AttributeError) as exc:
+        raise WeightsError(f"{path.name} has a corrupt header ({exc}). Restore the original file.") from exc
+    if META_CARD not in metadata:
+        raise WeightsError(f"{path.name} has no model card: it was not written by CovidCTDx and cannot be verified.")
+    try:
+        card = ModelCard.from_dict(json.loads(metadata[META_CARD]))
+    except ValueError as exc:
+        raise WeightsError(f"{path.name}: the model card is not valid JSON ({exc}).") from exc
+    if card.architecture != expected_architecture:
+        raise WeightsError(
+            f"{path.name} holds weights for '{card.architecture}', but '{expected_architecture}' was expected. "
+            "Pick the weights file made for this model."
+        )
+    if expected_version is not None and card.architecture_version != expected_version:
+        raise WeightsError(
+            f"{path.name} was made for {card.architecture} version {card.architecture_version}, "
+            f"but this program needs version {expected_version}. Use weights trained with this version."
+        )
+    data_sha = hashlib.sha256(data[8 + n :]).hexdigest()
+    if metadata.get(META_TENSORS_SHA) and metadata[META_TENSORS_SHA] != data_sha:
+        raise WeightsError(
+            f"The tensors in {path.name} do not match their recorded digest: the file was modified or is "
+            "corrupt. Restore the original file."
+        )
+    try:
+        state_dict = st_load(data)
+    except (SafetensorError, RuntimeError, ValueError) as exc:
+        raise WeightsError(f"{path.name} could not be read as safetensors ({exc}). Restore the original file.") from exc
+    log.info("loaded %s: %s v%s, sha256 %s", path.name, card.architecture, card.architecture_version, digest[:12])
+    return LoadedWeights(state_dict=state_dict, card=card, sha256=digest, path=path)
