@@ -1,0 +1,215 @@
+"""The ``covidctdx`` command line (contract in DESIGN.md).
+
+Errors a user can act on (CovidCTDxError) are printed as one line without a traceback and
+exit with status 2; Ctrl-C cancels cleanly with status 130 and writes nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Callable, List, Optional
+
+from . import __version__
+from .errors import CancelledError, CovidCTDxError
+from .progress import CancelToken
+
+log = logging.getLogger("covidctdx")
+
+EXIT_USER_ERROR = 2
+EXIT_CANCELLED = 130
+
+
+class ProgressPrinter:
+    """A one-line progress bar on stderr (plain lines when stderr is not a terminal)."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.quiet = quiet
+        self.tty = sys.stderr.isatty()
+        self.last_message = ""
+        self.start = time.perf_counter()
+
+    def __call__(self, fraction: float, message: str) -> None:
+        if self.quiet:
+            return
+        elapsed = time.perf_counter() - self.start
+        if self.tty:
+            bar = "#" * int(30 * fraction)
+            sys.stderr.write(f"\r[{bar:<30}] {100 * fraction:5.1f}% {elapsed:6.1f}s {message[:60]:<60}")
+            if fraction >= 1.0:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+        elif message != self.last_message:
+            sys.stderr.write(f"[{100 * fraction:5.1f}% {elapsed:6.1f}s] {message}\n")
+        self.last_message = message
+
+
+# --------------------------------------------------------------------------- commands
+def cmd_run(args: argparse.Namespace) -> int:
+    from .io import read_ct
+    from .outputs import write_outputs
+    from .pipeline import PipelineOptions, run_pipeline
+
+    ct = read_ct(args.ct_path, series_uid=args.series_uid)
+    options = PipelineOptions(
+        stages=args.stages.split(",") if args.stages else PipelineOptions().stages,
+        weights_dir=args.weights,
+        lesion_source=args.lesion_source,
+    )
+    result = run_pipeline(ct, options, progress=ProgressPrinter(args.quiet), cancel=args.cancel)
+    files = write_outputs(result, Path(args.output), source=str(args.ct_path))
+    _summarise(files["results.json"])
+    return 0
+
+
+def _summarise(results_json: Path) -> None:
+    """Print the key results on stdout (scripts read results.json; people read this)."""
+    r = json.loads(results_json.read_text())
+    out = [f"outputs: {results_json.parent}"]
+    if r["lungs"]:
+        out.append(f"lungs: right {r['lungs']['right_ml']:.0f} mL, left {r['lungs']['left_ml']:.0f} mL")
+    for key, title in (("classification", "classification"), ("severity", "severity")):
+        block = r.get(key)
+        if block:
+            probs = ", ".join(f"{k} {v:.2f}" for k, v in block["probabilities"].items())
+            label = block["weights"].get("label")
+            out.append(f"{title}: {block['label']} ({probs})" + (f"  [{label}]" if label else ""))
+        else:
+            out.append(f"{title}: not run — {r['not_run'].get(key, '')}")
+    f = r.get("findings")
+    if f:
+        out.append(
+            f"findings: {f['lesion_count']} lesions, {f['lesion_volume_ml']:.1f} mL, LVR {f['lesion_volume_ratio_percent']:.1f}%, "
+            f"PLR {f['peripheral_lesion_ratio_percent'] if f['peripheral_lesion_ratio_percent'] is not None else float('nan'):.1f}%, "
+            f"CT severity score {f['ct_severity_score']}"
+        )
+    out.append("timings (s): " + ", ".join(f"{k} {v:.2f}" for k, v in r["timings_s"].items()))
+    print("\n".join(out))
+
+
+def cmd_phantom(args: argparse.Namespace) -> int:
+    from .io import write_segmentation, write_volume
+    from .phantom import make_phantom
+
+    shape = tuple(int(v) for v in args.shape.split(",")) if args.shape else None
+    spacing = tuple(float(v) for v in args.spacing.split(",")) if args.spacing else None
+    kwargs = {k: v for k, v in (("shape", shape), ("spacing", spacing)) if v is not None}
+    start = time.perf_counter()
+    ph = make_phantom(kind=args.kind, severity=args.severity, lvr_percent=args.lvr, seed=args.seed, **kwargs)
+    elapsed = time.perf_counter() - start
+    out = Path(args.out_path)
+    write_volume(ph.ct, out)
+    if args.truth:
+        masks = {"right_lung": ph.right_lung, "left_lung": ph.left_lung, "airways": ph.airways, "lesion": ph.lesion,
+                 "ggo": ph.lesion_type == 1, "consolidation": ph.lesion_type == 3}
+        write_segmentation(ph.ct, masks, Path(args.truth))
+    print(f"phantom: {out} ({args.kind}, {ph.severity or 'no lesions'}, LVR {ph.lvr_percent:.1f}%, "
+          f"shape {ph.ct.shape}, {elapsed:.1f} s)")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Phantom → full pipeline → outputs, for a first look on any machine."""
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    ct_path = out / "demo_ct.nrrd"
+    phantom_args = argparse.Namespace(kind=args.kind, severity=args.severity, lvr=None, seed=args.seed,
+                                      shape=args.shape, spacing=args.spacing, out_path=str(ct_path),
+                                      truth=str(out / "demo_truth.seg.nrrd"))
+    cmd_phantom(phantom_args)
+    run_args = argparse.Namespace(ct_path=str(ct_path), output=str(out), weights=args.weights, stages=None,
+                                  lesion_source="auto", series_uid=None, quiet=args.quiet, cancel=args.cancel)
+    return cmd_run(run_args)
+
+
+def cmd_findings(args: argparse.Namespace) -> int:
+    from .findings_from_files import recompute_findings_files
+
+    files = recompute_findings_files(Path(args.ct_path), Path(args.seg_path), Path(args.output))
+    _summarise(files["results.json"])
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    if args.model == "deepsc":
+        from .training import train_deepsc as trainer
+    else:
+        from .training import train_racnet as trainer
+    train_args = trainer.build_parser().parse_args(args.train_args)
+    return int(trainer.run(train_args) or 0)
+
+
+# --------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="covidctdx", description="Chest CT → lungs, lesions, COVID-19 classification, severity, findings.")
+    parser.add_argument("--version", action="version", version=f"covidctdx {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log details")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the pipeline on a CT file or DICOM folder")
+    run.add_argument("ct_path", help=".nii/.nii.gz/.nrrd/.mha file or DICOM series folder")
+    run.add_argument("-o", "--output", default="covidctdx_output", help="output folder")
+    run.add_argument("--weights", type=Path, default=None, help="folder with deepsc_*.safetensors / racnet_*.safetensors")
+    run.add_argument("--stages", default=None, help="comma-separated subset of lungs,deepsc,racnet,findings")
+    run.add_argument("--lesion-source", default="auto", choices=("auto", "deepsc", "density"))
+    run.add_argument("--series-uid", default=None, help="pick one CT series in a folder holding several")
+    run.set_defaults(func=cmd_run)
+
+    ph = sub.add_parser("phantom", help="write a synthetic chest CT phantom")
+    ph.add_argument("out_path", help="output volume (.nrrd/.nii.gz/.mha)")
+    ph.add_argument("--kind", default="covid", choices=("covid", "cap", "normal"))
+    ph.add_argument("--severity", default=None, choices=("mild", "moderate", "severe", "critical"))
+    ph.add_argument("--lvr", type=float, default=None, help="lesion volume ratio in percent (overrides --severity)")
+    ph.add_argument("--seed", type=int, default=0)
+    ph.add_argument("--shape", default=None, help="z,y,x voxels, e.g. 300,512,512")
+    ph.add_argument("--spacing", default=None, help="x,y,z mm, e.g. 0.7,0.7,1.0")
+    ph.add_argument("--truth", default=None, help="also write the ground truth as this .seg.nrrd")
+    ph.set_defaults(func=cmd_phantom)
+
+    demo = sub.add_parser("demo", help="phantom → pipeline → outputs")
+    demo.add_argument("-o", "--output", default="demo_output")
+    demo.add_argument("--kind", default="covid", choices=("covid", "cap", "normal"))
+    demo.add_argument("--severity", default="moderate", choices=("mild", "moderate", "severe", "critical"))
+    demo.add_argument("--seed", type=int, default=2026)
+    demo.add_argument("--shape", default=None)
+    demo.add_argument("--spacing", default=None)
+    demo.add_argument("--weights", type=Path, default=None)
+    demo.set_defaults(func=cmd_demo)
+
+    fi = sub.add_parser("findings", help="recompute findings from an (edited) seg.nrrd")
+    fi.add_argument("ct_path")
+    fi.add_argument("seg_path")
+    fi.add_argument("-o", "--output", default="covidctdx_findings")
+    fi.set_defaults(func=cmd_findings)
+
+    tr = sub.add_parser("train", help="train a model (see `covidctdx train deepsc --help`)", add_help=False)
+    tr.add_argument("model", choices=("deepsc", "racnet"))
+    tr.add_argument("train_args", nargs=argparse.REMAINDER)
+    tr.set_defaults(func=cmd_train)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args.cancel = CancelToken()
+    try:
+        return args.func(args)
+    except CancelledError as exc:
+        print(f"covidctdx: {exc}", file=sys.stderr)
+        return EXIT_CANCELLED
+    except KeyboardInterrupt:
+        args.cancel.cancel()
+        print("covidctdx: cancelled by the user; no results were written.", file=sys.stderr)
+        return EXIT_CANCELLED
+    except CovidCTDxError as exc:
+        print(f"covidctdx: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

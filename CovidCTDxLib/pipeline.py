@@ -1,0 +1,214 @@
+"""The one place that knows the order of the stages.
+
+lungs → zones → DeepSC-COVID (lesions, classification, evidence) → density lesions (when
+no neural lesion mask, and for the GGO/consolidation split) → RACNet (severity) →
+findings. Each stage is a pure function of arrays + geometry, so this runs the same in
+Slicer's worker process, in the CLI and in tests. A stage that cannot run (not selected,
+no weights, depends on a stage that did not run) is recorded in ``Result.skipped`` with the
+reason; nothing is invented in its place.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, Iterator, Optional, Sequence
+
+import numpy as np
+
+from .errors import CovidCTDxError, WeightsError
+from .progress import CancelToken, Progress, ProgressCallback
+from .result import LesionMasks, Result
+from .volume import CTVolume
+
+log = logging.getLogger(__name__)
+
+STAGES = ("lungs", "deepsc", "racnet", "findings")
+DEEPSC_WEIGHTS = "deepsc_demo.safetensors"
+RACNET_WEIGHTS = "racnet_demo.safetensors"
+
+#: Share of the progress bar each stage gets (sums to 1).
+_PROGRESS_SPAN = {"lungs": (0.0, 0.2), "deepsc": (0.2, 0.6), "lesions": (0.6, 0.7), "racnet": (0.7, 0.85), "findings": (0.85, 1.0)}
+
+
+def default_weights_dir() -> Path:
+    """Bundled demo weights: ``$COVIDCTDX_WEIGHTS`` or ``<repo or extension>/Resources/weights``."""
+    env = os.environ.get("COVIDCTDX_WEIGHTS")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[1] / "Resources" / "weights"
+
+
+@dataclass
+class PipelineOptions:
+    """What to run and with which weights.
+
+    Attributes:
+        stages: subset of STAGES. Findings need lungs; the neural stages need lungs too.
+        weights_dir: folder holding ``deepsc_*.safetensors`` / ``racnet_*.safetensors``.
+        deepsc_weights / racnet_weights: explicit files, overriding ``weights_dir``.
+        lesion_source: "auto" (DeepSC lesions if it ran, else the density engine),
+            "deepsc" or "density".
+    """
+
+    stages: Sequence[str] = STAGES
+    weights_dir: Optional[Path] = None
+    deepsc_weights: Optional[Path] = None
+    racnet_weights: Optional[Path] = None
+    lesion_source: str = "auto"
+
+    def __post_init__(self) -> None:
+        unknown = set(self.stages) - set(STAGES)
+        if unknown:
+            raise CovidCTDxError(f"Unknown stage(s) {sorted(unknown)}; choose from {', '.join(STAGES)}.")
+        if self.lesion_source not in ("auto", "deepsc", "density"):
+            raise CovidCTDxError(f"lesion_source must be auto, deepsc or density, not {self.lesion_source!r}.")
+
+    def weights_path(self, model: str) -> Path:
+        explicit = self.deepsc_weights if model == "deepsc" else self.racnet_weights
+        if explicit is not None:
+            return Path(explicit)
+        folder = Path(self.weights_dir) if self.weights_dir else default_weights_dir()
+        name = DEEPSC_WEIGHTS if model == "deepsc" else RACNET_WEIGHTS
+        candidates = sorted(folder.glob(f"{model}_*.safetensors"))
+        preferred = folder / name
+        if preferred.exists() or not candidates:
+            return preferred
+        return candidates[0]
+
+
+class _Timer:
+    def __init__(self, result: Result) -> None:
+        self.result = result
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.result.timings_s[stage] = round(time.perf_counter() - start, 3)
+
+
+def run_pipeline(
+    ct: CTVolume,
+    options: Optional[PipelineOptions] = None,
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[CancelToken] = None,
+) -> Result:
+    """Run the selected stages on a validated CT and return everything they produced.
+
+    Raises CovidCTDxError subclasses for problems the user can act on (no lungs, bad
+    weights) and CancelledError when ``cancel`` is set; in both cases no partial Result
+    is returned.
+    """
+    options = options or PipelineOptions()
+    ct.validate()
+    reporter = Progress(progress, cancel)
+    result = Result(ct=ct)
+    timer = _Timer(result)
+    stages = set(options.stages)
+    start = time.perf_counter()
+
+    # ---------------------------------------------------------------- lungs
+    needs_lungs = bool(stages)
+    if needs_lungs:
+        from .lungs import segment_lungs
+        from .zones import compute_zones
+
+        step = reporter.sub(*_PROGRESS_SPAN["lungs"])
+        with timer("lungs"):
+            step(0.0, "Masking lungs")
+            result.lungs = segment_lungs(ct, progress=step.sub(0.0, 0.85))
+            step(0.85, "Computing lung zones")
+            result.zones = compute_zones(ct, result.lungs.right, result.lungs.left)
+            step(1.0, "Lungs done")
+
+    # ---------------------------------------------------------------- DeepSC-COVID
+    if "deepsc" in stages:
+        _run_deepsc(result, options, reporter.sub(*_PROGRESS_SPAN["deepsc"]), timer)
+    else:
+        result.skipped["classification"] = "DeepSC-COVID stage not selected."
+
+    # ---------------------------------------------------------------- lesions
+    if "findings" in stages or result.lesions is not None:
+        _finish_lesions(result, options, reporter.sub(*_PROGRESS_SPAN["lesions"]), timer)
+
+    # ---------------------------------------------------------------- RACNet
+    if "racnet" in stages:
+        _run_racnet(result, options, reporter.sub(*_PROGRESS_SPAN["racnet"]), timer)
+    else:
+        result.skipped["severity"] = "RACNet stage not selected."
+
+    # ---------------------------------------------------------------- findings
+    if "findings" in stages and result.lesions is not None:
+        from .findings import compute_findings
+
+        step = reporter.sub(*_PROGRESS_SPAN["findings"])
+        with timer("findings"):
+            step(0.0, "Computing lesion findings")
+            result.findings = compute_findings(ct, result.lungs, result.lesions, result.zones)
+            step(1.0, "Findings done")
+    elif "findings" not in stages:
+        result.skipped["findings"] = "Findings stage not selected."
+
+    result.timings_s["total"] = round(time.perf_counter() - start, 3)
+    reporter(1.0, "Done")
+    return result
+
+
+def _run_deepsc(result: Result, options: PipelineOptions, step: Progress, timer: _Timer) -> None:
+    path = options.weights_path("deepsc")
+    if not path.exists():
+        result.skipped["classification"] = f"No DeepSC-COVID weights at {path}; classification not run."
+        return
+    from .inference import run_deepsc
+    from .weights import load_weights
+
+    with timer("deepsc"):
+        step(0.0, f"Loading DeepSC-COVID weights {path.name}")
+        weights = load_weights(path, expected_architecture="deepsc")
+        output = run_deepsc(result.ct, result.lungs, weights, progress=step.sub(0.05, 1.0))
+    from .result import Classification
+
+    probabilities = output.probabilities
+    label = max(probabilities, key=probabilities.get)
+    result.classification = Classification(label=label, probabilities=probabilities, provenance=output.provenance)
+    result.lesion_probability = output.lesion_probability
+    result.evidence = output.evidence
+    if options.lesion_source in ("auto", "deepsc"):
+        result.lesions = LesionMasks(lesion=output.lesion_mask, source=f"DeepSC-COVID ({path.name})")
+
+
+def _finish_lesions(result: Result, options: PipelineOptions, step: Progress, timer: _Timer) -> None:
+    """Density lesions when no neural mask; the GGO/consolidation split in any case."""
+    from .lesions import detect_lesions, split_lesion_types
+
+    with timer("lesions"):
+        if result.lesions is None:
+            if options.lesion_source == "deepsc":
+                result.skipped["lesions"] = "lesion_source=deepsc but DeepSC-COVID did not run."
+                return
+            step(0.0, "Detecting lesions by density")
+            result.lesions = detect_lesions(result.ct, result.lungs, progress=step.sub(0.0, 0.9))
+        if result.lesions.ggo is None or result.lesions.consolidation is None:
+            step(0.9, "Splitting ground glass and consolidation")
+            result.lesions.ggo, result.lesions.consolidation = split_lesion_types(result.ct, result.lesions.lesion)
+        step(1.0, "Lesions done")
+
+
+def _run_racnet(result: Result, options: PipelineOptions, step: Progress, timer: _Timer) -> None:
+    path = options.weights_path("racnet")
+    if not path.exists():
+        result.skipped["severity"] = f"No RACNet weights at {path}; severity not run."
+        return
+    from .racnet_inference import run_racnet
+    from .weights import load_weights
+
+    with timer("racnet"):
+        step(0.0, f"Loading RACNet weights {path.name}")
+        weights = load_weights(path, expected_architecture="racnet")
+        result.severity = run_racnet(result.ct, result.lungs, weights, progress=step.sub(0.05, 1.0))
