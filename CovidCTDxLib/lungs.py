@@ -1,0 +1,527 @@
+"""Classical lung masking: right lung, left lung, airways (trachea + main bronchi), body.
+
+Why classical: it needs no weights, runs in a few seconds on a CPU and its failure modes are
+explainable. Why not only a threshold: dense disease (consolidation, masses, collapse against
+the chest wall) has soft-tissue HU and would be cut out of the lung, which biases every
+lesion metric downwards exactly on the sickest patients. So the aerated lung found by
+thresholding is only the *seed* of the lung mask; the mask is then completed by hole
+filling, a rolling-ball closing against the pleura and a convex-hull fill limited to the
+chest-wall side of each lung (never towards the mediastinum).
+
+Pipeline (all heavy steps on a coarse grid of ~1.5-2.5 mm voxels, then pasted back):
+
+1. body: largest connected tissue component after an opening that cuts the table off, holes
+   filled per axial slice;
+2. air inside the body, connected components, lung-like ones kept (volume, HU texture);
+3. airways: region growing from the trachea at the top with leak control, cut 15 mm (right)
+   / 20 mm (left) below the carina as in the reference labelmaps;
+4. left/right split: erosion until two lungs, watershed regrowth; sides named from patient
+   LPS coordinates, never array indices;
+5. dense-disease fill per lung; 6. paste back at full resolution (linear interpolation of
+   each lung mask, threshold 0.5).
+
+Left/right and head/feet are decided from ``CTVolume`` geometry, so flipped or rotated arrays
+work. The optional ``model`` argument swaps steps 2-5 for a neural network (see
+:mod:`CovidCTDxLib.lung_model`) while keeping the same outputs and post-processing.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional, Tuple
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage as ndi
+from skimage.segmentation import watershed
+
+from .errors import LungsNotFoundError
+from .progress import Progress
+from .result import LungMasks
+from .volume import LPS_LEFT, LPS_POSTERIOR, LPS_SUPERIOR, CTVolume
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .lung_model import LungModel
+
+log = logging.getLogger(__name__)
+
+# --------------------------------------------------------------------------- parameters
+#: Working grid voxel size targets (mm). In-plane ~1.7 mm keeps the pleura within half a
+#: full-resolution voxel after interpolation; z is only shrunk for thin slices.
+COARSE_INPLANE_MM = 1.6
+COARSE_Z_MM = 2.0
+#: Tissue vs air threshold for the body (HU): fat is ~ -100, skin-air partial volume ~ -500.
+BODY_HU = -500.0
+#: Aerated lung threshold (HU) on the coarse (block-averaged) image. Healthy parenchyma is
+#: -900..-800, ground glass -700..-400; vessels and dense disease are added back by filling.
+LUNG_AIR_HU = -400.0
+#: Opening radius (mm) that separates the table and thin blankets from the body.
+TABLE_OPENING_MM = 4.0
+#: Smallest air component (mL) that can be part of a lung (a lung apex cut by the field of
+#: view still holds tens of mL); smaller ones are bowel gas, sinuses, noise.
+MIN_LUNG_COMPONENT_ML = 20.0
+#: Smallest total lung volume (mL) for which we call the scan a chest CT with lungs.
+MIN_TOTAL_LUNG_ML = 80.0
+#: Gas (bowel, stomach, outside air trapped in folds) is uniform -1000 HU; lung parenchyma
+#: has tissue in every voxel and a median above this even in emphysema.
+GAS_MEDIAN_HU = -985.0
+#: Airway region growing: upper thresholds tried (HU) and explosion control.
+AIRWAY_THRESHOLDS_HU = (-980.0, -960.0, -940.0, -920.0, -900.0, -880.0, -860.0)
+AIRWAY_MAX_ML = 250.0
+#: Below this volume (mL) a grown region is still a seed-sized blob, not the airway tree.
+AIRWAY_MIN_ML = 5.0
+AIRWAY_LEAK_GROWTH = 1.8
+#: Reference convention: airway label stops this far (mm) below the carina, per side.
+AIRWAY_BELOW_CARINA_MM = {"right": 15.0, "left": 20.0}
+#: Trachea cross-section limits (mm^2) and how far from the body's mid-line it may lie (mm).
+TRACHEA_AREA_MM2 = (40.0, 900.0)
+TRACHEA_MAX_OFFSET_MM = 35.0
+TRACHEA_SEARCH_MM = 60.0
+TRACHEA_AIR_HU = -950.0
+#: Rolling-ball radius (mm) for closing each lung against the pleura (fills subpleural
+#: lesions and the reference's per-slice closing).
+CLOSING_RADIUS_MM = 8.0
+
+
+@dataclass
+class _Grid:
+    """The coarse working grid and how it maps to the full CT array (axial order)."""
+
+    factors: Tuple[int, int, int]  # (z, y, x) shrink factors
+    spacing_zyx: Tuple[float, float, float]  # coarse spacing (mm)
+
+    @property
+    def voxel_ml(self) -> float:
+        return float(np.prod(self.spacing_zyx)) / 1000.0
+
+
+# --------------------------------------------------------------------------- public API
+def segment_lungs(
+    ct: CTVolume,
+    progress: Optional[Progress] = None,
+    model: Optional["LungModel"] = None,
+) -> LungMasks:
+    """Segment right lung, left lung, airways and body of a chest CT.
+
+    Args:
+        ct: validated CT in HU.
+        progress: optional reporter; called with (fraction, message) and raises
+            ``CancelledError`` when the user cancels.
+        model: optional neural lung model (``predict(ct) -> labelmap 0/1/2``). When given,
+            its lungs replace the classical ones; airways and body are still classical and
+            sides are re-decided from patient coordinates.
+
+    Returns:
+        LungMasks with bool arrays on the CT grid (z, y, x).
+
+    Raises:
+        LungsNotFoundError: no lung-like air region in the body (e.g. abdomen-only or head
+            CT, a solid phantom).
+    """
+    report = progress or Progress()
+    report(0.0, "Lung masking: preparing")
+    frame = _frame(ct)
+    hu = frame.to_canonical(ct.array)
+    spacing_zyx = tuple(np.asarray(ct.spacing_zyx)[list(frame.perm)])
+    grid = _make_grid(spacing_zyx)
+    coarse = _shrink(hu, grid.factors)
+    report(0.1, "Lung masking: body")
+    body = _body_mask(coarse, grid)
+    report(0.25, "Lung masking: air regions")
+    air = _lung_air(coarse, body, grid)
+    report(0.4, "Lung masking: airways")
+    airways = _airways(coarse, air, body, grid)
+    sides = _SideNamer(ct, frame, grid)
+    if model is not None:
+        report(0.5, "Lung masking: neural model")
+        lungs = _model_lungs(model, ct, frame, grid) & ~airways
+        labels = _split_left_right(lungs, body, sides, grid)
+        method = f"model:{type(model).__name__}"
+    else:
+        report(0.5, "Lung masking: left/right split")
+        lungs = air & ~_dilate(airways, 1)
+        labels = _split_left_right(lungs, body, sides, grid)
+        report(0.65, "Lung masking: filling dense disease")
+        labels = _fill_disease(labels, coarse, body, airways, grid)
+        method = "classical"
+    report(0.85, "Lung masking: full resolution")
+    right, left = _paste_lungs(labels, hu.shape, grid)
+    airways_full = _paste_nearest(airways, hu.shape, grid.factors) & ~(right | left)
+    body_full = _paste_nearest(body, hu.shape, grid.factors) | right | left
+    masks = LungMasks(
+        right=frame.from_canonical(right),
+        left=frame.from_canonical(left),
+        airways=frame.from_canonical(airways_full),
+        body=frame.from_canonical(body_full),
+        method=method,
+    )
+    ml = ct.voxel_volume_ml
+    log.info(
+        "lungs: right %.0f mL, left %.0f mL, airways %.0f mL (%s)",
+        masks.right.sum() * ml, masks.left.sum() * ml, masks.airways.sum() * ml, method,
+    )
+    report(1.0, "Lung masking: done")
+    return masks
+
+
+# --------------------------------------------------------------------------- geometry
+@dataclass
+class _Frame:
+    """How the full CT array maps to the canonical axial array used internally.
+
+    Canonical: axis 0 towards superior, 1 towards posterior, 2 towards patient left, so
+    per-slice steps are axial and "larger x" means "more to the patient's left" whatever
+    the stored orientation. Built from views (transpose + reversed slices), no copies.
+    """
+
+    perm: Tuple[int, int, int]
+    flips: Tuple[bool, bool, bool]
+
+    def to_canonical(self, a: np.ndarray) -> np.ndarray:
+        v = a.transpose(self.perm)
+        return v[tuple(slice(None, None, -1) if f else slice(None) for f in self.flips)]
+
+    def from_canonical(self, a: np.ndarray) -> np.ndarray:
+        v = a[tuple(slice(None, None, -1) if f else slice(None) for f in self.flips)]
+        return np.ascontiguousarray(v.transpose([self.perm.index(i) for i in range(3)]))
+
+
+def _frame(ct: CTVolume) -> _Frame:
+    """Find the array axes (and their senses) closest to superior, posterior and left."""
+    axes = [ct.axis_for(d) for d in (LPS_SUPERIOR, LPS_POSTERIOR, LPS_LEFT)]
+    perm = tuple(a for a, _ in axes)
+    if sorted(perm) != [0, 1, 2]:  # degenerate (45° oblique): keep the stored order
+        return _Frame((0, 1, 2), (False, False, False))
+    return _Frame(perm, tuple(sign < 0 for _, sign in axes))
+
+
+def _make_grid(spacing_zyx) -> _Grid:
+    fz = max(1, int(round(COARSE_Z_MM / spacing_zyx[0])))
+    fy = max(1, int(round(COARSE_INPLANE_MM / spacing_zyx[1])))
+    fx = max(1, int(round(COARSE_INPLANE_MM / spacing_zyx[2])))
+    f = (fz, fy, fx)
+    return _Grid(f, tuple(s * k for s, k in zip(spacing_zyx, f)))
+
+
+def _shrink(hu: np.ndarray, factors) -> np.ndarray:
+    """Block-average to the coarse grid (also averages away low-dose noise).
+
+    The last partial block along each axis is padded by edge replication so the coarse grid
+    covers the whole volume.
+    """
+    pads = [(0, (-n) % f) for n, f in zip(hu.shape, factors)]
+    arr = hu.astype(np.float32)
+    if any(p[1] for p in pads):
+        arr = np.pad(arr, pads, mode="edge")
+    img = sitk.GetImageFromArray(arr)
+    out = sitk.BinShrink(img, [int(factors[2]), int(factors[1]), int(factors[0])])
+    return sitk.GetArrayFromImage(out)
+
+
+def _ball(radius_mm: float, spacing_zyx) -> Tuple[int, int, int]:
+    """Kernel radius in voxels (x, y, z order for SimpleITK) for a ball of ``radius_mm``."""
+    return tuple(int(max(0, round(radius_mm / s))) for s in reversed(spacing_zyx))
+
+
+def _dilate(mask: np.ndarray, radius_vox: int) -> np.ndarray:
+    img = sitk.GetImageFromArray(mask.astype(np.uint8))
+    return sitk.GetArrayFromImage(sitk.BinaryDilate(img, [radius_vox] * 3, sitk.sitkBall)).astype(bool)
+
+
+def _fill_holes_2d(mask: np.ndarray) -> np.ndarray:
+    """Fill holes in every axial slice (structure without z connectivity)."""
+    structure = np.zeros((3, 3, 3), bool)
+    structure[1] = ndi.generate_binary_structure(2, 1)
+    return ndi.binary_fill_holes(mask, structure=structure)
+
+
+def _components(mask: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Label 3D components (face connectivity), sorted by size; returns labels and sizes."""
+    cc = sitk.RelabelComponent(sitk.ConnectedComponent(sitk.GetImageFromArray(mask.astype(np.uint8))))
+    labels = sitk.GetArrayFromImage(cc)
+    sizes = np.bincount(labels.ravel())
+    return labels, sizes
+
+
+# --------------------------------------------------------------------------- steps
+def _body_mask(coarse: np.ndarray, grid: _Grid) -> np.ndarray:
+    """The patient's body, without the table, with internal air (lungs) included."""
+    tissue = sitk.GetImageFromArray((coarse > BODY_HU).astype(np.uint8))
+    r = list(_ball(TABLE_OPENING_MM, grid.spacing_zyx))
+    r[2] = 0  # open in-plane only: thick slices must not lose the apex or base slice
+    opened = sitk.BinaryMorphologicalOpening(tissue, r, sitk.sitkBall)
+    largest = sitk.RelabelComponent(sitk.ConnectedComponent(opened)) == 1
+    # Geodesic reconstruction gives back the skin detail the opening removed, but not the
+    # table, which only touches the body through thin bridges.
+    recon = sitk.ReconstructionByDilation(sitk.Cast(largest, sitk.sitkUInt8), sitk.Cast(tissue, sitk.sitkUInt8) * sitk.Cast(sitk.BinaryDilate(largest, r, sitk.sitkBall), sitk.sitkUInt8))
+    body = sitk.GetArrayFromImage(recon).astype(bool)
+    if not body.any():
+        raise LungsNotFoundError("No body was found in the image: it contains no soft tissue region.")
+    return _fill_holes_2d(body)
+
+
+def _lung_air(coarse: np.ndarray, body: np.ndarray, grid: _Grid) -> np.ndarray:
+    """Lung-like air inside the body: large, not gas-uniform components."""
+    air = (coarse < LUNG_AIR_HU) & body
+    labels, sizes = _components(air)
+    keep = np.zeros(len(sizes), bool)
+    found = []
+    for lab in range(1, len(sizes)):
+        ml = sizes[lab] * grid.voxel_ml
+        if ml < MIN_LUNG_COMPONENT_ML:
+            break  # sorted by size
+        med = float(np.median(coarse[labels == lab]))
+        found.append((ml, med))
+        keep[lab] = med > GAS_MEDIAN_HU
+    lungs = keep[labels]
+    total = lungs.sum() * grid.voxel_ml
+    if total < MIN_TOTAL_LUNG_ML:
+        what = (
+            ", ".join(f"{ml:.0f} mL at median {med:.0f} HU" for ml, med in found[:4])
+            if found else "no air region larger than %.0f mL" % MIN_LUNG_COMPONENT_ML
+        )
+        raise LungsNotFoundError(
+            f"No lungs found in this image: inside the body there is {what} "
+            f"(lungs need ≥ {MIN_TOTAL_LUNG_ML:.0f} mL of aerated tissue, not uniform gas). "
+            "Is this a chest CT covering the lungs (not abdomen-only or head)?"
+        )
+    return lungs
+
+
+def _airways(coarse, air, body, grid) -> np.ndarray:
+    """Trachea and main bronchi by region growing from the trachea's top slice.
+
+    Leak control: the upper threshold is raised step by step and the last result before the
+    volume explodes (grows by more than ``AIRWAY_LEAK_GROWTH`` or exceeds ``AIRWAY_MAX_ML``)
+    is kept. Returns an empty mask when the trachea is not in the field of view.
+    """
+    seed = _trachea_seed(coarse, air, body, grid)
+    empty = np.zeros_like(air)
+    if seed is None:
+        log.info("airways: no trachea found at the top of the scan")
+        return empty
+    img = sitk.GetImageFromArray(coarse)
+    seed_xyz = [int(seed[2]), int(seed[1]), int(seed[0])]
+    best, best_n = empty, 0
+    for thr in AIRWAY_THRESHOLDS_HU:
+        if coarse[seed] >= thr:
+            continue
+        grown = sitk.GetArrayFromImage(sitk.ConnectedThreshold(img, seedList=[seed_xyz], lower=-3000.0, upper=thr)).astype(bool)
+        n = int(grown.sum())
+        if n * grid.voxel_ml > AIRWAY_MAX_ML or (
+            best_n * grid.voxel_ml >= AIRWAY_MIN_ML and n > AIRWAY_LEAK_GROWTH * best_n
+        ):
+            break
+        best, best_n = grown, n
+    if not best_n:
+        return empty
+    return _cut_below_carina(best, grid)
+
+
+def _trachea_seed(coarse, air, body, grid) -> Optional[Tuple[int, int, int]]:
+    """A voxel in the trachea: the small air blob near the mid-line at the top of the scan.
+
+    The top slices are searched downwards (the first one is often partial volume with the
+    neck) until a blob of trachea size near the body's mid-line holds true air
+    (< ``TRACHEA_AIR_HU``); its darkest voxel is the seed.
+    """
+    zs = np.where(air.any(axis=(1, 2)))[0]
+    if zs.size == 0:
+        return None
+    pixel_mm2 = grid.spacing_zyx[1] * grid.spacing_zyx[2]
+    top = zs.max()
+    bottom = max(zs.min(), top - max(3, int(round(TRACHEA_SEARCH_MM / grid.spacing_zyx[0]))))
+    for z in range(top, bottom - 1, -1):
+        lab, n = ndi.label(air[z])
+        bx = np.nonzero(body[z].any(axis=0))[0]
+        if n == 0 or bx.size == 0:
+            continue
+        mid_x = 0.5 * (bx.min() + bx.max())
+        idx = np.arange(1, n + 1)
+        areas = np.bincount(lab.ravel())[1:] * pixel_mm2
+        cms = ndi.center_of_mass(air[z], lab, idx)
+        mins = ndi.minimum(coarse[z], lab, idx)
+        candidates = [
+            (abs(cx - mid_x), i)
+            for a, (cy, cx), lo, i in zip(areas, cms, mins, idx)
+            if TRACHEA_AREA_MM2[0] <= a <= TRACHEA_AREA_MM2[1]
+            and abs(cx - mid_x) * grid.spacing_zyx[2] <= TRACHEA_MAX_OFFSET_MM
+            and lo < TRACHEA_AIR_HU
+        ]
+        if candidates:
+            i = min(candidates)[1]
+            y, x = ndi.minimum_position(coarse[z], lab, i)
+            return (int(z), int(y), int(x))
+    return None
+
+
+def _cut_below_carina(airway: np.ndarray, grid: _Grid) -> np.ndarray:
+    """Keep trachea and main bronchi: stop 15 mm (right) / 20 mm (left) below the carina.
+
+    The carina is the highest axial slice where the airway splits into two sizeable
+    branches; right and left are on either side of the carina's centre (canonical frame:
+    larger x = patient left, larger z = superior).
+    """
+    zs = np.where(airway.any(axis=(1, 2)))[0]
+    pixel_mm2 = grid.spacing_zyx[1] * grid.spacing_zyx[2]
+    carina = None
+    for z in range(zs.max(), zs.min() - 1, -1):
+        lab, n = ndi.label(airway[z])
+        if n >= 2 and np.sort(np.bincount(lab.ravel())[1:])[-2] * pixel_mm2 >= 15.0:
+            carina = z + 1  # last slice with a single lumen
+            break
+    if carina is None:
+        return airway
+    mid_x = float(np.mean(np.nonzero(airway[min(carina, airway.shape[0] - 1)])[1]))
+    depth_mm = (carina - np.arange(airway.shape[0]))[:, None, None] * grid.spacing_zyx[0]
+    is_left = (np.arange(airway.shape[2]) > mid_x)[None, None, :]
+    cut = np.where(is_left, AIRWAY_BELOW_CARINA_MM["left"], AIRWAY_BELOW_CARINA_MM["right"])
+    return airway & (depth_mm <= cut)
+
+
+class _SideNamer:
+    """Names lung components right/left from their centroid's LPS position.
+
+    Why LPS and not the canonical x: the canonical frame only picks the closest array axis;
+    the centroid in patient space is the ground truth for which side a lung is on.
+    """
+
+    def __init__(self, ct: CTVolume, frame: _Frame, grid: _Grid) -> None:
+        self.ct, self.frame, self.grid = ct, frame, grid
+
+    def left_mm(self, mask: np.ndarray) -> float:
+        """Patient-left coordinate (mm, LPS x) of a coarse canonical mask's centroid."""
+        c = np.array(ndi.center_of_mass(mask), float)  # canonical coarse (z, y, x)
+        f = np.array(self.grid.factors, float)
+        full = c * f + (f - 1) / 2.0  # canonical full-resolution index
+        shape = np.array(self.frame.to_canonical(self.ct.array).shape, float)
+        full = np.where(self.frame.flips, shape - 1 - full, full)
+        zyx = np.empty(3)
+        zyx[list(self.frame.perm)] = full  # back to stored array axes
+        ijk = zyx[::-1]
+        return float(self.ct.index_to_lps(ijk) @ LPS_LEFT)
+
+
+# --------------------------------------------------------------------------- left/right
+def _split_left_right(lungs: np.ndarray, body: np.ndarray, sides: _SideNamer, grid: _Grid) -> np.ndarray:
+    """Label map 1 = right lung, 2 = left lung on the coarse canonical grid.
+
+    Two lungs touching at the anterior (or posterior) junction form one component: it is
+    eroded (distance-transform threshold, in mm) until it falls apart into two comparable
+    parts, which then regrow into the whole mask by a watershed on the distance map.
+    """
+    labels, sizes = _components(lungs)
+    min_vox = MIN_LUNG_COMPONENT_ML / grid.voxel_ml
+    big = [i for i in range(1, len(sizes)) if sizes[i] >= min_vox]
+    if len(big) >= 2 and sizes[big[1]] >= 0.1 * sizes[big[0]]:
+        markers = np.zeros(labels.shape, np.int32)
+        markers[labels == big[0]] = 1
+        markers[labels == big[1]] = 2
+    else:
+        markers = _erode_until_two(labels == big[0], grid)
+    if markers.max() < 2:  # a single lung (pneumonectomy, half field of view)
+        out = np.zeros(lungs.shape, np.uint8)
+        side = 2 if sides.left_mm(markers > 0) > sides.left_mm(body) else 1
+        out[lungs] = side
+        return out
+    dist = ndi.distance_transform_edt(lungs, sampling=grid.spacing_zyx)
+    grown = watershed(-dist, markers, mask=lungs)
+    # Pieces not connected to either lung go to the side whose centroid is nearer in x.
+    rest = lungs & (grown == 0)
+    if rest.any():
+        x = np.arange(lungs.shape[2])
+        cx = [np.mean(np.nonzero(grown == k)[2]) for k in (1, 2)]
+        nearer2 = np.abs(x - cx[1]) < np.abs(x - cx[0])
+        grown[rest] = np.where(np.broadcast_to(nearer2, lungs.shape)[rest], 2, 1)
+    out = np.zeros(lungs.shape, np.uint8)
+    a_left = sides.left_mm(grown == 1) > sides.left_mm(grown == 2)
+    out[grown == 1] = 2 if a_left else 1
+    out[grown == 2] = 1 if a_left else 2
+    return out
+
+
+def _erode_until_two(lung: np.ndarray, grid: _Grid) -> np.ndarray:
+    """Markers (1, 2) of two lungs found by eroding a joined mask; one marker if none."""
+    dist = ndi.distance_transform_edt(lung, sampling=grid.spacing_zyx)
+    step = min(grid.spacing_zyx[1:])
+    d = step
+    while d < dist.max():
+        labels, sizes = _components(dist > d)
+        if len(sizes) > 2 and sizes[2] >= 0.1 * sizes[1]:
+            markers = np.zeros(lung.shape, np.int32)
+            markers[labels == 1] = 1
+            markers[labels == 2] = 2
+            return markers
+        d += step
+    return lung.astype(np.int32)
+
+
+# --------------------------------------------------------------------------- dense disease
+def _fill_disease(labels, coarse, body, airways, grid) -> np.ndarray:
+    """Complete each lung with the dense disease the air threshold left out.
+
+    Per lung: (1) axial hole filling (vessels, central lesions); (2) a rolling-ball closing
+    of radius ``CLOSING_RADIUS_MM`` against the pleura (subpleural lesions); all limited to
+    the body and away from the airways and the other lung.
+    """
+    out = np.zeros_like(labels)
+    r = _ball(CLOSING_RADIUS_MM, grid.spacing_zyx)
+    forbidden = ~body | _dilate(airways, 1)
+    for side in (1, 2):
+        m = labels == side
+        if not m.any():
+            continue
+        closed = sitk.BinaryMorphologicalClosing(sitk.GetImageFromArray(m.astype(np.uint8)), r, sitk.sitkBall)
+        m = m | (sitk.GetArrayFromImage(closed).astype(bool) & ~forbidden & (labels != 3 - side))
+        m = _fill_holes_2d(m)
+        out[m & (out == 0)] = side
+    return out
+
+
+# --------------------------------------------------------------------------- model hook
+def _model_lungs(model, ct: CTVolume, frame: _Frame, grid: _Grid) -> np.ndarray:
+    """Run a neural lung model and bring its lung union to the coarse canonical grid."""
+    pred = np.asarray(model.predict(ct))
+    if pred.shape != ct.shape:
+        raise ValueError(f"lung model returned shape {pred.shape}, expected the CT's {ct.shape}")
+    union = frame.to_canonical(pred > 0).astype(np.float32)
+    return _shrink(union, grid.factors) >= 0.5
+
+
+# --------------------------------------------------------------------------- paste back
+def _paste_lungs(labels: np.ndarray, shape, grid: _Grid) -> Tuple[np.ndarray, np.ndarray]:
+    """Upsample each coarse lung by linear interpolation of its mask, threshold at 0.5.
+
+    Why linear and not nearest: nearest-neighbour makes blocky pleura that cost ~1-2% Dice
+    at 2x shrink; interpolating the indicator gives a smooth boundary at sub-coarse-voxel
+    accuracy. Only each lung's bounding box is resampled.
+    """
+    out = []
+    f = np.array(grid.factors)
+    for side in (1, 2):
+        m = labels == side
+        full = np.zeros(shape, bool)
+        if m.any():
+            idx = np.nonzero(m)
+            lo = np.maximum(np.array([i.min() for i in idx]) - 1, 0)
+            hi = np.minimum(np.array([i.max() for i in idx]) + 2, np.array(m.shape))
+            sub = m[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]].astype(np.float32)
+            img = sitk.GetImageFromArray(sub)
+            img.SetSpacing([float(v) for v in f[::-1]])
+            img.SetOrigin([float(v) for v in (lo * f + (f - 1) / 2.0)[::-1]])
+            flo = lo * f
+            fhi = np.minimum(hi * f, np.array(shape))
+            ref = sitk.Image([int(v) for v in (fhi - flo)[::-1]], sitk.sitkFloat32)
+            ref.SetOrigin([float(v) for v in flo[::-1]])
+            res = sitk.Resample(img, ref, sitk.Transform(), sitk.sitkLinear, 0.0)
+            full[flo[0]:fhi[0], flo[1]:fhi[1], flo[2]:fhi[2]] = sitk.GetArrayViewFromImage(res) > 0.5
+        out.append(full)
+    return out[0], out[1]
+
+
+def _paste_nearest(mask: np.ndarray, shape, factors) -> np.ndarray:
+    """Nearest-neighbour upsampling by block replication, cropped to the full shape."""
+    fz, fy, fx = factors
+    nz, ny, nx = mask.shape
+    big = np.broadcast_to(mask[:, None, :, None, :, None], (nz, fz, ny, fy, nx, fx)).reshape(nz * fz, ny * fy, nx * fx)
+    return np.ascontiguousarray(big[: shape[0], : shape[1], : shape[2]])
