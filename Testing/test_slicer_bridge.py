@@ -1,0 +1,454 @@
+"""The Slicer bridge against real MRML from slicer-core (no Slicer application, no fakes).
+
+What is checked: geometry both ways (incl. flipped and oblique volumes, against the NRRD
+that MRML itself writes), segment IDs/names/colours/terminology, closed surfaces, seg.nrrd
+round trip through the MRML storage node and the CLI reader, table columns and units,
+subject hierarchy placement, edit → recompute, and that a failure leaves the scene as it
+was.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer")
+vtk = pytest.importorskip("vtk")
+
+from CovidCTDxLib import slicer_bridge as sb  # noqa: E402
+from CovidCTDxLib.errors import GeometryError, InputError  # noqa: E402
+from CovidCTDxLib.result import (  # noqa: E402
+    CLASS_KEYS,
+    NOT_FOR_DIAGNOSIS,
+    SEVERITY_KEYS,
+    Classification,
+    LesionMasks,
+    LungMasks,
+    Provenance,
+    Result,
+    Severity,
+)
+from CovidCTDxLib.segments import COVIDCTDX_CONTEXT, SEGMENTS  # noqa: E402
+from CovidCTDxLib.volume import LPS_LEFT, CTVolume  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TERMINOLOGY_FILE = REPO / "Resources" / "Terminology" / "CovidCTDx.term.json"
+SHAPE = (16, 40, 48)  # z, y, x: small, but anisotropic so axis mix-ups show
+
+
+def _rotation(axis: np.ndarray, degrees: float) -> np.ndarray:
+    axis = axis / np.linalg.norm(axis)
+    a = np.radians(degrees)
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    return np.eye(3) + np.sin(a) * k + (1 - np.cos(a)) * k @ k
+
+
+DIRECTIONS = {
+    "identity": np.eye(3),
+    # i runs patient right→left reversed (radiological flip) and k runs head→feet.
+    "flipped": np.diag([-1.0, 1.0, -1.0]),
+    "oblique": _rotation(np.array([0.3, 1.0, 0.2]), 25.0),
+}
+
+
+def make_ct(direction: np.ndarray) -> CTVolume:
+    rng = np.random.default_rng(0)
+    array = rng.integers(-1000, 100, size=SHAPE).astype(np.int16)
+    return CTVolume(array, (0.9, 0.7, 2.5), (-17.0, 31.0, -120.0), direction)
+
+
+def make_masks(ct: CTVolume) -> Dict[str, np.ndarray]:
+    """Two 'lungs' split in patient coordinates (LPS x), a lesion in the right one."""
+    x = ct.lps_coordinate(LPS_LEFT)
+    x = np.broadcast_to(x, ct.shape)
+    centre = np.median(x)
+    body = np.zeros(ct.shape, bool)
+    body[2:-2, 5:-5, 4:-4] = True
+    right = body & (x < centre - 2)
+    left = body & (x > centre + 2)
+    lesion = np.zeros(ct.shape, bool)
+    zz, yy, xx = np.nonzero(right)
+    c = (int(np.median(zz)), int(np.median(yy)), int(np.median(xx)))
+    lesion[c[0] - 3 : c[0] + 3, c[1] - 5 : c[1] + 5, c[2] - 4 : c[2] + 4] = True
+    lesion &= right
+    ggo = lesion.copy()
+    ggo[c[0] :] = False
+    consolidation = lesion & ~ggo
+    return {"right_lung": right, "left_lung": left, "lesion": lesion, "ggo": ggo, "consolidation": consolidation}
+
+
+PROVENANCE = Provenance("DeepSC-COVID", "deepsc_demo.safetensors", "ab" * 32, "synthetic phantoms", True, "0.1.0")
+
+
+@dataclass
+class TableFindings:
+    """Stands in for findings.Findings in the table-writer test (only its two methods)."""
+
+    values: List[tuple]
+
+    def rows(self):
+        return self.values
+
+    def to_dict(self):
+        return {name: value for name, value, _, _ in self.values}
+
+
+def make_result(ct: CTVolume, masks: Dict[str, np.ndarray], **overrides) -> Result:
+    lungs = LungMasks(masks["right_lung"], masks["left_lung"], np.zeros(ct.shape, bool), masks["right_lung"] | masks["left_lung"])
+    lesions = LesionMasks(masks["lesion"], ggo=masks["ggo"], consolidation=masks["consolidation"])
+    classification = Classification("covid19", {"covid19": 0.7, "cap": 0.2, "non_pneumonia": 0.1}, PROVENANCE)
+    severity = Severity(
+        "moderate",
+        {"mild": 0.2, "moderate": 0.6, "severe": 0.15, "critical": 0.05},
+        0.9,
+        [{"class": "moderate", "index": 3, "distance": 0.8}, {"class": "mild", "index": 1, "distance": 1.4},
+         {"class": "moderate", "index": 0, "distance": 1.1}],
+        True,
+        PROVENANCE,
+        slices_used=16,
+    )
+    findings = TableFindings([("lesion_volume_ml", 1.25, "mL", "Volume of the lesion segment"),
+                              ("lesion_count", 1, "", "Connected lesion components")])
+    evidence = np.linspace(0, 1, int(np.prod(ct.shape)), dtype=np.float32).reshape(ct.shape)
+    fields = dict(ct=ct, lungs=lungs, lesions=lesions, classification=classification, severity=severity,
+                  findings=findings, evidence=evidence)
+    fields.update(overrides)
+    return Result(**fields)
+
+
+@pytest.fixture
+def scene():
+    s = slicer.vtkMRMLScene()
+    slicer.vtkMRMLSubjectHierarchyNode.ResolveSubjectHierarchy(s)
+    return s
+
+
+def _node_ids(scene) -> List[str]:
+    return [scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())]
+
+
+def _ijk_to_ras(node) -> np.ndarray:
+    m = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(m)
+    return np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+# --------------------------------------------------------------------------- geometry
+@pytest.mark.parametrize("kind", sorted(DIRECTIONS))
+def test_volume_round_trip_keeps_geometry(scene, kind):
+    ct = make_ct(DIRECTIONS[kind])
+    node = sb.volume_node_from_ct(scene, ct, "CT")
+    expected = np.diag([-1.0, -1.0, 1.0, 1.0]) @ ct.index_to_lps_matrix()
+    np.testing.assert_allclose(_ijk_to_ras(node), expected, atol=1e-9)
+    # One voxel: MRML's RAS position is the CT's LPS position with x, y negated.
+    ijk = np.array([7, 23, 11])
+    ras = _ijk_to_ras(node) @ np.append(ijk, 1.0)
+    lps = ct.index_to_lps(ijk)
+    np.testing.assert_allclose(ras[:3], [-lps[0], -lps[1], lps[2]], atol=1e-9)
+    back = sb.ct_from_volume_node(node)
+    np.testing.assert_array_equal(back.array, ct.array)
+    np.testing.assert_allclose(back.spacing, ct.spacing)
+    np.testing.assert_allclose(back.origin, ct.origin, atol=1e-9)
+    np.testing.assert_allclose(back.direction, ct.direction, atol=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["flipped", "oblique"])
+def test_ct_from_node_matches_the_nrrd_mrml_writes(scene, kind, tmp_path):
+    """Independent check of the RAS→LPS conversion: MRML writes the node, SimpleITK reads it."""
+    sitk = pytest.importorskip("SimpleITK")
+    ct = make_ct(DIRECTIONS[kind])
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "CT")
+    ras_dirs = np.diag([-1.0, -1.0, 1.0]) @ ct.direction
+    m = vtk.vtkMatrix4x4()
+    for r in range(3):
+        for c in range(3):
+            m.SetElement(r, c, ras_dirs[r, c])
+    node.SetIJKToRASDirectionMatrix(m)
+    node.SetSpacing(*ct.spacing)
+    node.SetOrigin(-ct.origin[0], -ct.origin[1], ct.origin[2])
+    image = vtk.vtkImageData()
+    image.SetDimensions(SHAPE[2], SHAPE[1], SHAPE[0])
+    from vtk.util import numpy_support
+
+    image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(ct.array.ravel(), deep=True, array_type=vtk.VTK_SHORT))
+    node.SetAndObserveImageData(image)
+    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    path = tmp_path / "ct.nrrd"
+    storage.SetFileName(str(path))
+    assert storage.WriteData(node)
+    reference = sitk.ReadImage(str(path))
+    got = sb.ct_from_volume_node(node)
+    np.testing.assert_array_equal(got.array, sitk.GetArrayFromImage(reference))
+    np.testing.assert_allclose(got.spacing, reference.GetSpacing(), atol=1e-6)
+    np.testing.assert_allclose(got.origin, reference.GetOrigin(), atol=1e-6)
+    np.testing.assert_allclose(got.direction, np.array(reference.GetDirection()).reshape(3, 3), atol=1e-6)
+
+
+def test_linear_parent_transform_is_honoured(scene):
+    ct = make_ct(np.eye(3))
+    node = sb.volume_node_from_ct(scene, ct, "CT")
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    shift = vtk.vtkMatrix4x4()
+    shift.SetElement(0, 3, 10.0)  # 10 mm towards patient right (RAS +x)
+    transform.SetMatrixTransformToParent(shift)
+    node.SetAndObserveTransformNodeID(transform.GetID())
+    moved = sb.ct_from_volume_node(node)
+    np.testing.assert_allclose(moved.origin, np.array(ct.origin) + [-10.0, 0.0, 0.0])
+
+
+# --------------------------------------------------------------------------- segmentation
+@pytest.mark.parametrize("kind", sorted(DIRECTIONS))
+def test_segmentation_matches_input_geometry(scene, kind):
+    ct = make_ct(DIRECTIONS[kind])
+    masks = make_masks(ct)
+    volume = sb.volume_node_from_ct(scene, ct, "CT")
+    nodes = sb.write_result_to_scene(scene, make_result(ct, masks), volume)
+    seg_node = nodes.segmentation
+    # Reference geometry is the input's grid.
+    assert seg_node.GetNodeReferenceID(slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()) == volume.GetID()
+    # Each segment's labelmap lives in the input's IJK→RAS frame.
+    labelmap = slicer.vtkOrientedImageData()
+    seg_node.GetBinaryLabelmapRepresentation("lesion", labelmap)
+    m = vtk.vtkMatrix4x4()
+    labelmap.GetImageToWorldMatrix(m)
+    np.testing.assert_allclose([[m.GetElement(r, c) for c in range(4)] for r in range(4)], _ijk_to_ras(volume), atol=1e-9)
+    # A lesion voxel's RAS position falls inside the lesion labelmap at the same world point.
+    k, j, i = np.argwhere(masks["lesion"])[0]
+    ras = _ijk_to_ras(volume) @ np.array([i, j, k, 1.0])
+    world_to_image = vtk.vtkMatrix4x4()
+    labelmap.GetWorldToImageMatrix(world_to_image)
+    ijk = np.rint([sum(world_to_image.GetElement(r, c) * ras[c] for c in range(4)) for r in range(3)]).astype(int)
+    assert labelmap.GetScalarComponentAsDouble(*ijk, 0) == 1
+    # Masks come back identical, and the right lung is on the patient's right (RAS x larger).
+    back = sb.masks_from_segmentation_node(seg_node, volume)
+    for name, mask in masks.items():
+        np.testing.assert_array_equal(back[name], mask, err_msg=name)
+    ras_x = lambda mask: np.mean((_ijk_to_ras(volume) @ np.c_[np.argwhere(mask)[:, ::-1], np.ones(mask.sum())].T)[0])  # noqa: E731
+    assert ras_x(back["right_lung"]) > ras_x(back["left_lung"])
+
+
+def test_segments_ids_names_colours_terminology(scene):
+    ct = make_ct(np.eye(3))
+    volume = sb.volume_node_from_ct(scene, ct, "CT")
+    seg_node = sb.write_result_to_scene(scene, make_result(ct, make_masks(ct)), volume).segmentation
+    segmentation = seg_node.GetSegmentation()
+    ids = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
+    assert ids == ["right_lung", "left_lung", "lesion", "ggo", "consolidation"]
+    terminologies = slicer.vtkSlicerTerminologiesModuleLogic()
+    assert terminologies.LoadTerminologyFromFile(str(TERMINOLOGY_FILE)) == COVIDCTDX_CONTEXT
+    for segment_id in ids:
+        spec = SEGMENTS[segment_id]
+        segment = segmentation.GetSegment(segment_id)
+        assert segment.GetName() == spec.name
+        np.testing.assert_allclose(segment.GetColor(), spec.color_float, atol=1e-6)
+        entry_text = segment.GetTerminology()
+        assert entry_text == spec.terminology_entry()
+        entry = slicer.vtkSlicerTerminologyEntry()
+        assert terminologies.DeserializeTerminologyEntry(entry_text, entry)
+        assert entry.GetTypeObject().GetCodeValue() == spec.type.value
+        if spec.context == COVIDCTDX_CONTEXT:  # our own entries must exist in the shipped file
+            found = slicer.vtkSlicerTerminologyType()
+            category = slicer.vtkSlicerTerminologyCategory()
+            n = terminologies.GetNumberOfCategoriesInTerminology(COVIDCTDX_CONTEXT)
+            codes = set()
+            for c in range(n):
+                terminologies.GetNthCategoryInTerminology(COVIDCTDX_CONTEXT, c, category)
+                for t in range(terminologies.GetNumberOfTypesInTerminologyCategory(COVIDCTDX_CONTEXT, category)):
+                    terminologies.GetNthTypeInTerminologyCategory(COVIDCTDX_CONTEXT, category, t, found)
+                    codes.add((category.GetCodeValue(), found.GetCodeValue()))
+            assert (spec.category.value, spec.type.value) in codes
+    # Lungs are see-through in 3D so lesions show; every non-empty segment has a surface.
+    display = seg_node.GetDisplayNode()
+    assert display.GetSegmentOpacity3D("right_lung") < 0.5
+    for segment_id in ("right_lung", "left_lung", "lesion"):
+        surface = vtk.vtkPolyData()
+        assert seg_node.GetClosedSurfaceRepresentation(segment_id, surface)
+        assert surface.GetNumberOfPoints() > 0
+
+
+def test_seg_nrrd_written_by_mrml_reads_back(scene, tmp_path):
+    from CovidCTDxLib.io import read_segmentation
+
+    ct = make_ct(DIRECTIONS["oblique"])
+    masks = make_masks(ct)
+    volume = sb.volume_node_from_ct(scene, ct, "CT")
+    seg_node = sb.write_result_to_scene(scene, make_result(ct, masks), volume, closed_surface=False).segmentation
+    path = tmp_path / "edited.seg.nrrd"
+    storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    storage.SetFileName(str(path))
+    assert storage.WriteData(seg_node)
+    reread = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    reader = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    reader.SetFileName(str(path))
+    assert reader.ReadData(reread)
+    back = sb.masks_from_segmentation_node(reread, volume)
+    assert reread.GetSegmentation().GetSegment("lesion").GetTerminology() == SEGMENTS["lesion"].terminology_entry()
+    # The CLI's reader (covidctdx findings) understands the file Slicer saves.
+    cli = read_segmentation(path, ct)
+    for name, mask in masks.items():
+        np.testing.assert_array_equal(back[name], mask, err_msg=name)
+        np.testing.assert_array_equal(cli.masks[name], mask, err_msg=name)
+
+
+# --------------------------------------------------------------------------- tables, evidence, hierarchy
+def test_tables_columns_units_and_provenance(scene):
+    ct = make_ct(np.eye(3))
+    volume = sb.volume_node_from_ct(scene, ct, "CT")
+    result = make_result(ct, make_masks(ct))
+    nodes = sb.write_result_to_scene(scene, result, volume, closed_surface=False)
+
+    table = nodes.classification_table
+    assert [table.GetColumnName(i) for i in range(table.GetNumberOfColumns())] == ["class", "key", "probability", "predicted"]
+    keys = [table.GetCellText(r, 1) for r in range(table.GetNumberOfRows())]
+    assert keys == list(CLASS_KEYS)
+    probabilities = [float(table.GetCellText(r, 2)) for r in range(3)]
+    assert probabilities == pytest.approx([0.7, 0.2, 0.1])
+    assert [table.GetCellText(r, 3) for r in range(3)] == ["yes", "", ""]
+    assert NOT_FOR_DIAGNOSIS in table.GetName() and NOT_FOR_DIAGNOSIS in table.GetDescription()
+    assert table.GetAttribute("CovidCTDx.weights.weights_sha256") == PROVENANCE.weights_sha256
+    assert table.GetAttribute("CovidCTDx.weights.training_data") == "synthetic phantoms"
+
+    severity = nodes.severity_table
+    assert [severity.GetColumnName(i) for i in range(severity.GetNumberOfColumns())] == [
+        "severity", "probability", "predicted", "nearest_anchor_distance"]
+    assert [severity.GetCellText(r, 0) for r in range(4)] == list(SEVERITY_KEYS)
+    assert float(severity.GetCellText(1, 3)) == pytest.approx(0.8)  # min over the two 'moderate' anchors
+    assert np.isnan(float(severity.GetCellText(2, 3)))  # no 'severe' anchor
+    assert severity.GetAttribute("CovidCTDx.out_of_distribution") == "true"
+    assert "OUT OF DISTRIBUTION" in severity.GetName()
+    assert len(json.loads(severity.GetAttribute("CovidCTDx.anchors"))) == 3
+
+    findings = nodes.findings_table
+    assert [findings.GetColumnName(i) for i in range(4)] == ["name", "value", "unit", "definition"]
+    assert findings.GetCellText(0, 0) == "lesion_volume_ml" and findings.GetCellText(0, 2) == "mL"
+    assert float(findings.GetCellText(0, 1)) == pytest.approx(1.25)
+    assert findings.GetColumnDescription("definition")
+    assert sb.findings_from_table(findings)["lesion_count"] == 1
+
+
+def test_evidence_volume_on_input_grid_with_colour_map(scene):
+    ct = make_ct(DIRECTIONS["flipped"])
+    volume = sb.volume_node_from_ct(scene, ct, "CT")
+    result = make_result(ct, make_masks(ct))
+    evidence = sb.write_result_to_scene(scene, result, volume, closed_surface=False).evidence_volume
+    np.testing.assert_allclose(_ijk_to_ras(evidence), _ijk_to_ras(volume))
+    np.testing.assert_array_equal(sb.ct_from_volume_node(evidence).array, result.evidence)
+    display = evidence.GetDisplayNode()
+    assert display.GetColorNode() is not None
+    assert display.GetApplyThreshold() and display.GetLowerThreshold() == pytest.approx(sb.EVIDENCE_DISPLAY_THRESHOLD)
+
+
+def test_outputs_are_placed_under_the_input_study(scene):
+    ct = make_ct(np.eye(3))
+    volume = sb.volume_node_from_ct(scene, ct, "CT")
+    sh = scene.GetSubjectHierarchyNode()
+    patient = sh.CreateSubjectItem(sh.GetSceneItemID(), "Patient")
+    study = sh.CreateStudyItem(patient, "Chest CT study")
+    sh.CreateItem(study, volume)
+    nodes = sb.write_result_to_scene(scene, make_result(ct, make_masks(ct)), volume, closed_surface=False)
+    for node in nodes.nodes():
+        assert sh.GetItemParent(sh.GetItemByDataNode(node)) == study, node.GetName()
+
+
+def test_absent_stages_create_no_nodes(scene):
+    ct = make_ct(np.eye(3))
+    volume = sb.volume_node_from_ct(scene, ct, "CT")
+    masks = make_masks(ct)
+    result = make_result(ct, masks, lesions=None, classification=None, severity=None, findings=None, evidence=None)
+    nodes = sb.write_result_to_scene(scene, result, volume, closed_surface=False)
+    assert nodes.nodes() == [nodes.segmentation]
+    segmentation = nodes.segmentation.GetSegmentation()
+    assert [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())] == ["right_lung", "left_lung"]
+
+
+# --------------------------------------------------------------------------- failures leave the scene alone
+class ExplodingFindings(TableFindings):
+    def rows(self):
+        raise RuntimeError("findings failed mid-way")
+
+
+@pytest.mark.parametrize(
+    "failure",
+    ["mask_wrong_shape", "findings_raise", "evidence_wrong_shape"],
+)
+def test_failure_mid_run_leaves_scene_unchanged(scene, failure):
+    ct = make_ct(DIRECTIONS["oblique"])
+    volume = sb.volume_node_from_ct(scene, ct, "CT")
+    masks = make_masks(ct)
+    if failure == "mask_wrong_shape":  # lungs are already written when the ggo fails
+        result = make_result(ct, masks, lesions=LesionMasks(masks["lesion"], ggo=np.zeros((3, 3, 3), bool)))
+        expected = GeometryError
+    elif failure == "findings_raise":  # segmentation + two tables exist by then
+        result = make_result(ct, masks, findings=ExplodingFindings([]))
+        expected = RuntimeError
+    else:  # the very last output fails
+        result = make_result(ct, masks, evidence=np.zeros((2, 2, 2), np.float32))
+        expected = GeometryError
+    before = _node_ids(scene)
+    sh = scene.GetSubjectHierarchyNode()
+    items_before = sh.GetNumberOfItems()
+    with pytest.raises(expected):
+        sb.write_result_to_scene(scene, result, volume)
+    assert _node_ids(scene) == before
+    assert sh.GetNumberOfItems() == items_before
+
+
+# --------------------------------------------------------------------------- edit → recompute
+def _erase_half_of_lesion(seg_node, volume) -> np.ndarray:
+    """What a Segment Editor 'Erase' does: replace the segment's labelmap through the API."""
+    masks = sb.masks_from_segmentation_node(seg_node, volume)
+    lesion = masks["lesion"].copy()
+    zz = np.nonzero(lesion)[0]
+    lesion[zz.min() + (zz.max() - zz.min() + 1) // 2 :] = False
+    edited = slicer.vtkOrientedImageData()
+    edited.ShallowCopy(sb._image_data(lesion.astype(np.uint8)))
+    edited.SetImageToWorldMatrix(sb._numpy_to_matrix(sb.ijk_to_ras(volume)))
+    assert slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
+        edited, seg_node, "lesion", slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
+    return lesion
+
+
+def test_edit_then_masks_follow(scene):
+    ct = make_ct(DIRECTIONS["oblique"])
+    masks = make_masks(ct)
+    volume = sb.volume_node_from_ct(scene, ct, "CT")
+    seg_node = sb.write_result_to_scene(scene, make_result(ct, masks), volume).segmentation
+    lesion = _erase_half_of_lesion(seg_node, volume)
+    assert lesion.sum() == masks["lesion"].sum() // 2
+    back = sb.masks_from_segmentation_node(seg_node, volume)
+    np.testing.assert_array_equal(back["lesion"], lesion)
+    np.testing.assert_array_equal(back["right_lung"], masks["right_lung"])  # other segments untouched
+
+
+def test_edit_then_recompute_halves_lesion_volume(scene):
+    ct = make_ct(np.eye(3))
+    masks = make_masks(ct)
+    volume = sb.volume_node_from_ct(scene, ct, "CT")
+    seg_node = sb.write_result_to_scene(scene, make_result(ct, masks, findings=None), volume).segmentation
+    table = sb.recompute_findings(scene, seg_node, volume)
+    before = sb.findings_from_table(table)["lesion_volume_ml"]
+    assert before == pytest.approx(masks["lesion"].sum() * ct.voxel_volume_ml, rel=1e-6)
+    _erase_half_of_lesion(seg_node, volume)
+    same_table = sb.recompute_findings(scene, seg_node, volume, table)
+    assert same_table is table
+    after = sb.findings_from_table(table)["lesion_volume_ml"]
+    assert after == pytest.approx(before / 2, rel=1e-6)
+    names = [table.GetCellText(r, 0) for r in range(table.GetNumberOfRows())]
+    row = names.index("lesion_volume_ml")
+    assert float(table.GetCellText(row, 1)) == pytest.approx(after)
+    assert table.GetCellText(row, 2) == "mL"
+
+
+def test_recompute_without_lesion_segment_is_refused_and_changes_nothing(scene):
+    ct = make_ct(np.eye(3))
+    volume = sb.volume_node_from_ct(scene, ct, "CT")
+    result = make_result(ct, make_masks(ct), lesions=None, findings=None)
+    seg_node = sb.write_result_to_scene(scene, result, volume, closed_surface=False).segmentation
+    before = _node_ids(scene)
+    with pytest.raises(InputError, match="lesion"):
+        sb.recompute_findings(scene, seg_node, volume)
+    assert _node_ids(scene) == before
