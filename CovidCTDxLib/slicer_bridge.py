@@ -609,7 +609,12 @@ def masks_from_segmentation_node(segmentation_node, reference_volume_node) -> Di
 
 
 def lung_and_lesion_masks(masks: Mapping[str, np.ndarray]) -> Tuple[LungMasks, LesionMasks]:
-    """LungMasks/LesionMasks from segment masks; refuses a segmentation that lacks them."""
+    """LungMasks/LesionMasks from segment masks; refuses a segmentation that lacks them.
+
+    Same rules as the command line's ``covidctdx findings``: the lesion is clipped to the
+    lungs, and ground glass / consolidation to the lesion, so erasing part of a lesion
+    also erases its sub-types there.
+    """
     missing = [k for k in ("right_lung", "left_lung", "lesion") if k not in masks]
     if missing:
         raise InputError(
@@ -618,8 +623,15 @@ def lung_and_lesion_masks(masks: Mapping[str, np.ndarray]) -> Tuple[LungMasks, L
         )
     right, left = masks["right_lung"], masks["left_lung"]
     empty = np.zeros_like(right)
-    lungs = LungMasks(right=right, left=left, airways=masks.get("airways", empty), body=right | left, method="edited segmentation")
-    lesions = LesionMasks(lesion=masks["lesion"], ggo=masks.get("ggo"), consolidation=masks.get("consolidation"), source="edited segmentation")
+    lungs = LungMasks(right=right, left=left, airways=masks.get("airways", empty), body=empty, method="edited segmentation")
+    lesion = masks["lesion"] & lungs.lungs
+    ggo, consolidation = masks.get("ggo"), masks.get("consolidation")
+    lesions = LesionMasks(
+        lesion=lesion,
+        ggo=None if ggo is None else ggo & lesion,
+        consolidation=None if consolidation is None else consolidation & lesion,
+        source="edited segmentation",
+    )
     return lungs, lesions
 
 
@@ -629,11 +641,15 @@ def recompute_findings(scene, segmentation_node, volume_node, table_node=None):
     The findings are computed before the scene is touched, so an error leaves an existing
     table as it was. Returns the (new or updated) findings table node.
     """
-    from .findings import compute_findings
-
-    ct = ct_from_volume_node(volume_node)
     lungs, lesions = lung_and_lesion_masks(masks_from_segmentation_node(segmentation_node, volume_node))
-    findings = compute_findings(ct, lungs, lesions)
+    ct = ct_from_volume_node(volume_node)
+    from .findings import compute_findings
+    from .lesions import split_lesion_types
+    from .zones import compute_zones
+
+    if lesions.ggo is None or lesions.consolidation is None:
+        lesions.ggo, lesions.consolidation = split_lesion_types(ct, lesions.lesion)
+    findings = compute_findings(ct, lungs, lesions, compute_zones(ct, lungs.right, lungs.left))
     name = f"{volume_node.GetName()} CovidCTDx findings"
     with scene_transaction(scene):
         created = table_node is None
