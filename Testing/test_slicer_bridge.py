@@ -452,3 +452,64 @@ def test_recompute_without_lesion_segment_is_refused_and_changes_nothing(scene):
     with pytest.raises(InputError, match="lesion"):
         sb.recompute_findings(scene, seg_node, volume)
     assert _node_ids(scene) == before
+
+
+# --------------------------------------------------------------------------- background worker
+@pytest.fixture(scope="module")
+def small_phantom():
+    from CovidCTDxLib.phantom import make_phantom
+
+    return make_phantom("covid", severity="moderate", shape=(40, 112, 112), spacing=(3.0, 3.0, 6.5), seed=1)
+
+
+def test_worker_runs_out_of_process_and_result_lands_in_scene(scene, small_phantom):
+    from CovidCTDxLib.pipeline import PipelineOptions
+    from CovidCTDxLib.worker import SUCCEEDED, WorkerJob
+
+    volume = sb.volume_node_from_ct(scene, small_phantom.ct, "Phantom")
+    ct = sb.ct_from_volume_node(volume)
+    job = WorkerJob(ct, PipelineOptions(stages=("lungs",))).start()
+    try:
+        assert job.wait(timeout=240) == SUCCEEDED, job.error
+        assert job.fraction == pytest.approx(1.0)
+        nodes = sb.write_result_to_scene(scene, job.result(), volume, closed_surface=False)
+    finally:
+        job.cleanup()
+    masks = sb.masks_from_segmentation_node(nodes.segmentation, volume)
+    # The worker's lungs overlap the phantom's true lungs, on the right side each.
+    for side, truth in (("right_lung", small_phantom.right_lung), ("left_lung", small_phantom.left_lung)):
+        dice = 2 * np.sum(masks[side] & truth) / (masks[side].sum() + truth.sum())
+        assert dice > 0.8, (side, dice)
+    assert nodes.classification_table is None  # stage not selected: no invented output
+
+
+def test_worker_cancel_kills_process_and_leaves_scene_unchanged(scene, small_phantom):
+    from CovidCTDxLib.pipeline import PipelineOptions
+    from CovidCTDxLib.worker import CANCELLED, WorkerJob
+
+    volume = sb.volume_node_from_ct(scene, small_phantom.ct, "Phantom")
+    before = _node_ids(scene)
+    job = WorkerJob(sb.ct_from_volume_node(volume), PipelineOptions(stages=("lungs",))).start()
+    try:
+        job.cancel()
+        assert job.wait(timeout=30) == CANCELLED
+        assert job._proc.poll() is not None
+        assert not (job.output_dir / "results.json").exists()
+        with pytest.raises(Exception):
+            job.result()
+    finally:
+        job.cleanup()
+    assert _node_ids(scene) == before
+    assert not job.work_dir.exists()
+
+
+def test_worker_reports_user_errors(tmp_path):
+    from CovidCTDxLib.pipeline import PipelineOptions
+    from CovidCTDxLib.worker import FAILED, WorkerJob
+
+    # Uniform soft tissue: a valid volume file, but no air → not a chest CT in HU.
+    ct = CTVolume(np.zeros((20, 64, 64), np.int16), (3.0, 3.0, 5.0))
+    job = WorkerJob(ct, PipelineOptions(stages=("lungs",)), work_dir=tmp_path / "job").start()
+    assert job.wait(timeout=120) == FAILED
+    assert job.error_type == "NotCTError", job.error
+    assert "HU" in job.error or "air" in job.error
