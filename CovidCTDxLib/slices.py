@@ -92,7 +92,7 @@ class SliceSelection:
 
     def take(self, array: np.ndarray) -> np.ndarray:
         """The selected slices of a CT-grid array, as (n, rows, cols), inferior first."""
-        return np.take(array, self.indices, axis=self.axis)
+        return np.moveaxis(np.take(array, self.indices, axis=self.axis), self.axis, 0)
 
     def thin(self, min_step_mm: float) -> "SliceSelection":
         """Keep slices at least ``min_step_mm`` apart (greedy from the inferior end).

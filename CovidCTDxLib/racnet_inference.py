@@ -1,0 +1,250 @@
+"""RACNet on one CT: slice selection → slice preprocessing → network → severity + anchors.
+
+The preprocessing here is the single definition used by both inference and training
+(``training/racnet_data.py`` imports :func:`prepare_scan`), so a model always sees at
+inference exactly what it saw in training. Its parameters travel in the model card
+(``config["preprocessing"]``).
+
+Preprocessing (our choices, documented because the abstract gives none):
+
+* Slices: :func:`slices.select_slices` — lung-area rule when a lung mask exists, else the
+  physical COVID-CTset rule; ordered inferior → superior; optionally thinned to
+  ``slice_step_mm`` so thin- and thick-slice scans cover the lungs with similar counts.
+* In-plane orientation: every slice is shown in radiological convention (rows anterior →
+  posterior, columns patient right → left) whatever the stored direction matrix.
+* Crop: a square (in mm) around the lungs of the selected slices plus ``crop_margin_mm``
+  (body box when there is no lung mask), resampled to ``size`` × ``size`` with antialiasing.
+  Why crop to the lungs: severity is a property of the lungs; a fixed FOV would waste most
+  pixels on the table, arms and air.
+* Intensities: HU clipped to [−1400, 200] and scaled to [0, 1] as in DeepSC-COVID
+  (DESIGN.md). **Not** multiplied by the lung mask: COV19-CT-DB slices (the paper's data)
+  are whole slices, and a mask error (e.g. missed dense consolidation) would otherwise
+  erase the very lesions that define severity.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .anchors import Anchors
+from .errors import WeightsError
+from .models.racnet import ARCHITECTURE, ARCHITECTURE_VERSION, RACNet, RACNetConfig
+from .progress import Progress
+from .result import SEVERITY_KEYS, LungMasks, Severity
+from .slices import SliceSelection, body_mask, select_slices
+from .volume import LPS_LEFT, LPS_POSTERIOR, CTVolume
+
+log = logging.getLogger(__name__)
+
+HU_WINDOW = (-1400.0, 200.0)
+#: HU used to pad a crop that extends past the image: outside air.
+PAD_HU = -1000.0
+#: Slices per CNN call at inference (bounds memory; results do not depend on it).
+ENCODE_CHUNK = 64
+
+
+@dataclass
+class SlicePrep:
+    """How a CT becomes the (T, size, size) slice stack RACNet reads."""
+
+    size: int = 128
+    hu_min: float = HU_WINDOW[0]
+    hu_max: float = HU_WINDOW[1]
+    selection: str = "auto"
+    lung_area_fraction: float = 0.25
+    slice_step_mm: float = 0.0
+    crop_margin_mm: float = 10.0
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "SlicePrep":
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+# ---------------------------------------------------------------------------- preprocessing
+def _radiological(ct: CTVolume, axis: int) -> Tuple[int, int, bool, bool]:
+    """Array axes shown as rows (anterior→posterior) and columns (patient right→left), and
+    whether each must be flipped. Strongly oblique volumes keep their stored order."""
+    rest = [a for a in range(3) if a != axis]
+    ap_axis, ap_sign = ct.axis_for(LPS_POSTERIOR)
+    lr_axis, lr_sign = ct.axis_for(LPS_LEFT)
+    if {ap_axis, lr_axis} != set(rest):
+        return rest[0], rest[1], False, False
+    return ap_axis, lr_axis, ap_sign < 0, lr_sign < 0
+
+
+def _oriented(stack: np.ndarray, axis: int, rows_axis: int, flip_r: bool, flip_c: bool) -> np.ndarray:
+    """(T, a, b) slices taken across ``axis`` → (T, rows, cols) view in display order."""
+    rest = [a for a in range(3) if a != axis]
+    if rest.index(rows_axis) == 1:
+        stack = stack.transpose(0, 2, 1)
+    return stack[:, ::-1 if flip_r else 1, ::-1 if flip_c else 1]
+
+
+def _profile(mask: np.ndarray, ax: int, n: int, stride: int = 1) -> np.ndarray:
+    """Which indices along array axis ``ax`` hold any True voxel (mask may be strided)."""
+    prof = mask.any(axis=tuple(a for a in range(3) if a != ax))
+    return np.repeat(prof, stride)[:n] if stride > 1 else prof
+
+
+def _square_crop(mask_rows: np.ndarray, mask_cols: np.ndarray, sp_rows: float, sp_cols: float,
+                 n_rows: int, n_cols: int, margin_mm: float) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+    """Square (in mm) crop around the True extent of two 1-D profiles; may exceed the image."""
+    r = np.nonzero(mask_rows)[0]
+    c = np.nonzero(mask_cols)[0]
+    if r.size == 0 or c.size == 0:
+        return (0, n_rows), (0, n_cols)
+    cr, cc = 0.5 * (r[0] + r[-1]) * sp_rows, 0.5 * (c[0] + c[-1]) * sp_cols
+    half = 0.5 * max((r[-1] - r[0] + 1) * sp_rows, (c[-1] - c[0] + 1) * sp_cols) + margin_mm
+    rows = (int(np.floor((cr - half) / sp_rows)), int(np.ceil((cr + half) / sp_rows)))
+    cols = (int(np.floor((cc - half) / sp_cols)), int(np.ceil((cc + half) / sp_cols)))
+    return rows, cols
+
+
+def _crop_pad(stack: np.ndarray, rows: Tuple[int, int], cols: Tuple[int, int], fill: float) -> np.ndarray:
+    """stack[:, r0:r1, c0:c1] with out-of-image parts filled with ``fill``."""
+    t, nr, nc = stack.shape
+    out = np.full((t, rows[1] - rows[0], cols[1] - cols[0]), fill, dtype=np.float32)
+    r0, r1 = max(rows[0], 0), min(rows[1], nr)
+    c0, c1 = max(cols[0], 0), min(cols[1], nc)
+    if r1 > r0 and c1 > c0:
+        out[:, r0 - rows[0] : r1 - rows[0], c0 - cols[0] : c1 - cols[0]] = stack[:, r0:r1, c0:c1]
+    return out
+
+
+def window(hu: torch.Tensor, prep: SlicePrep) -> torch.Tensor:
+    """Clip HU to the window and scale to [0, 1]."""
+    return ((hu.clamp(prep.hu_min, prep.hu_max) - prep.hu_min) / (prep.hu_max - prep.hu_min)).to(torch.float32)
+
+
+def prepare_scan(ct: CTVolume, lungs: Optional[LungMasks], prep: SlicePrep) -> Tuple[np.ndarray, SliceSelection]:
+    """Selected, oriented, cropped, windowed and resized slices: (T, size, size) float32 in [0, 1]."""
+    sel = select_slices(ct, lungs, prep.selection, prep.lung_area_fraction).thin(prep.slice_step_mm)
+    axis = sel.axis
+    r_ax, c_ax, flip_r, flip_c = _radiological(ct, axis)
+    stack = _oriented(np.take(ct.array, sel.indices, axis=axis), axis, r_ax, flip_r, flip_c)
+    n_r, n_c = ct.shape[r_ax], ct.shape[c_ax]
+    if lungs is not None and lungs.lungs.any():
+        ref = np.take(lungs.lungs, sel.indices, axis=axis)
+        rows_prof, cols_prof = _profile(ref, r_ax, n_r), _profile(ref, c_ax, n_c)
+    else:
+        small, strides = body_mask(ct)
+        rows_prof, cols_prof = _profile(small, r_ax, n_r, strides[r_ax]), _profile(small, c_ax, n_c, strides[c_ax])
+    rows_prof = rows_prof[::-1] if flip_r else rows_prof
+    cols_prof = cols_prof[::-1] if flip_c else cols_prof
+    sp_r, sp_c = ct.spacing_zyx[r_ax], ct.spacing_zyx[c_ax]
+    rows, cols = _square_crop(rows_prof, cols_prof, sp_r, sp_c, n_r, n_c, prep.crop_margin_mm)
+    out = np.empty((stack.shape[0], prep.size, prep.size), dtype=np.float32)
+    for i in range(0, stack.shape[0], ENCODE_CHUNK):
+        chunk = _crop_pad(stack[i : i + ENCODE_CHUNK], rows, cols, PAD_HU)
+        x = window(torch.from_numpy(chunk)[:, None], prep)
+        x = F.interpolate(x, size=(prep.size, prep.size), mode="bilinear", align_corners=False, antialias=True)
+        out[i : i + ENCODE_CHUNK] = x[:, 0].numpy()
+    return out, sel
+
+
+# ---------------------------------------------------------------------------- model loading
+@dataclass
+class RACNetBundle:
+    """A ready-to-run RACNet: network in eval mode, anchors and preprocessing."""
+
+    model: RACNet
+    anchors: Anchors
+    prep: SlicePrep
+    weights: Any  # weights.LoadedWeights
+
+
+def model_card_config(cfg: RACNetConfig, prep: SlicePrep, anchor_classes) -> Dict[str, Any]:
+    """The card ``config`` that :func:`load_racnet` needs to rebuild the model."""
+    return {"network": cfg.to_dict(), "preprocessing": prep.to_dict(), "anchor_classes": list(anchor_classes)}
+
+
+def load_racnet(weights: Any) -> RACNetBundle:
+    """Build RACNet from verified weights (``weights.LoadedWeights``); raise WeightsError if they do not fit."""
+    conf = weights.card.config
+    if weights.card.architecture != ARCHITECTURE:
+        raise WeightsError(f"{weights.path.name} is a {weights.card.architecture} model, not RACNet.")
+    if str(weights.card.architecture_version) != ARCHITECTURE_VERSION:
+        raise WeightsError(
+            f"{weights.path.name} was made for RACNet version {weights.card.architecture_version}; this program "
+            f"runs version {ARCHITECTURE_VERSION}. Use weights trained with this version."
+        )
+    try:
+        cfg = RACNetConfig.from_dict(conf["network"])
+        prep = SlicePrep.from_dict(conf.get("preprocessing", {}))
+        classes = conf["anchor_classes"]
+    except (KeyError, TypeError) as exc:
+        raise WeightsError(f"The model card of {weights.path.name} lacks the RACNet configuration ({exc}).") from exc
+    model = RACNet(cfg)
+    state = {k: v for k, v in weights.state_dict.items() if not k.startswith("anchors.")}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise WeightsError(f"{weights.path.name} does not fit the RACNet described by its card ({exc}).") from exc
+    model.eval()
+    return RACNetBundle(model, Anchors.from_tensors(weights.state_dict, classes), prep, weights)
+
+
+# ---------------------------------------------------------------------------- inference
+def predict_stack(model: RACNet, stack: np.ndarray) -> Dict[str, np.ndarray]:
+    """Run RACNet on one prepared (T, H, W) stack; return numpy probabilities and latent."""
+    x = torch.from_numpy(np.ascontiguousarray(stack))[None, :, None]
+    with torch.inference_mode():
+        out = model(x, chunk=ENCODE_CHUNK)
+    return {
+        "covid": torch.softmax(out["covid_logits"], dim=1)[0].numpy(),
+        "severity": torch.softmax(out["severity_logits"], dim=1)[0].numpy(),
+        "latent": out["latent"][0].numpy(),
+    }
+
+
+def run_racnet(
+    ct: CTVolume,
+    lungs: Optional[LungMasks],
+    weights: Any,
+    progress: Optional[Union[Progress, Callable[[float, str], None]]] = None,
+    bundle: Optional[RACNetBundle] = None,
+) -> Severity:
+    """Severity, COVID probability, nearest anchors and OOD flag for one CT.
+
+    Args:
+        ct: validated CT in HU.
+        lungs: lung masks (selects slices and the crop); None → COVID-CTset selection and
+            body crop.
+        weights: ``weights.LoadedWeights`` from ``load_weights(path, "racnet")``.
+        progress: Progress or plain ``(fraction, message)`` callback.
+        bundle: an already built model for these weights (saves rebuilding in loops).
+    """
+    report = progress if isinstance(progress, Progress) else Progress(progress)
+    report(0.0, "RACNet: building model")
+    bundle = bundle or load_racnet(weights)
+    report(0.1, "RACNet: selecting and preparing slices")
+    stack, sel = prepare_scan(ct, lungs, bundle.prep)
+    report(0.4, f"RACNet: reading {len(sel)} slices")
+    pred = predict_stack(bundle.model, stack)
+    report(0.9, "RACNet: anchors")
+    match = bundle.anchors.explain(pred["latent"], k=3)
+    probs = {k: float(p) for k, p in zip(SEVERITY_KEYS, pred["severity"])}
+    label = SEVERITY_KEYS[int(np.argmax(pred["severity"]))]
+    log.info(
+        "RACNet: %s (p=%.2f), COVID p=%.2f, %d slices (%s), nearest anchor %s, OOD=%s",
+        label, probs[label], float(pred["covid"][1]), len(sel), sel.method,
+        match.nearest[0] if match.nearest else None, match.out_of_distribution,
+    )
+    report(1.0, "RACNet: done")
+    return Severity(
+        label=label,
+        probabilities=probs,
+        covid_probability=float(pred["covid"][1]),
+        anchors=match.nearest,
+        out_of_distribution=match.out_of_distribution,
+        provenance=weights.provenance(),
+        slices_used=len(sel),
+    )
