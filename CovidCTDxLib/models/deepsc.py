@@ -31,7 +31,7 @@ from torch import nn
 
 from .blocks import ConvBlock3D, InceptionStem3D, ResidualDown3D, crop_to_box, paste_from_box
 
-ARCHITECTURE = "deepsc-covid"
+ARCHITECTURE = "deepsc"
 ARCHITECTURE_VERSION = "1"
 NUM_CLASSES = 3  # result.CLASS_KEYS order: covid19, cap, non_pneumonia
 NON_PNEUMONIA = 2

@@ -123,12 +123,21 @@ def deepsc_loss(
     box: torch.Tensor,
     class_weights: Optional[torch.Tensor] = None,
     weights: DeepSCLossWeights = DeepSCLossWeights(),
+    seg_valid: Optional[torch.Tensor] = None,
 ) -> Dict[str, torch.Tensor]:
-    """All terms and their weighted sum under ``"total"`` (terms with weight 0 are skipped)."""
+    """All terms and their weighted sum under ``"total"`` (terms with weight 0 are skipped).
+
+    ``seg_valid`` (N,) marks samples whose scan has lesion labels; the others (e.g. a
+    COVID scan without a ``segment_label`` file) train classification only.
+    """
     terms: Dict[str, torch.Tensor] = {}
     total = out.cls_logits.new_zeros(())
-    if weights.seg:
-        terms["seg"] = segmentation_loss(out.seg_logits, lesion, lung)
+    keep = None if seg_valid is None else seg_valid > 0.5
+    if weights.seg and (keep is None or bool(keep.any())):
+        if keep is None or bool(keep.all()):
+            terms["seg"] = segmentation_loss(out.seg_logits, lesion, lung)
+        else:
+            terms["seg"] = segmentation_loss(out.seg_logits[keep], lesion[keep], None if lung is None else lung[keep])
         total = total + weights.seg * terms["seg"]
     if weights.cls:
         terms["cls"] = classification_loss(out.cls_logits, label, class_weights)
