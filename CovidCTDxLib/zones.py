@@ -125,12 +125,14 @@ def _thirds(ct: CTVolume, sub: np.ndarray, box, first_label: int) -> np.ndarray:
 def _shell(sub: np.ndarray, spacing_xyz, thickness_mm: float) -> np.ndarray:
     """Lung minus its per-slice erosion by a disc of ``thickness_mm`` (in-plane mm).
 
-    A z sampling far larger than any in-plane distance makes the 3D EDT a per-slice 2D EDT
-    (nearest background is always found in the same slice, because the padded bounding box
-    gives every slice a background border).
+    One exact 2D Euclidean distance transform per axial slice (the padded bounding box
+    gives every slice a background border); measured faster than one 3D transform.
     """
+    out = np.zeros(sub.shape, bool)
     if thickness_mm <= 0:
-        return np.zeros(sub.shape, bool)
-    in_plane_extent = sub.shape[1] * spacing_xyz[1] + sub.shape[2] * spacing_xyz[0]
-    dist = ndi.distance_transform_edt(sub, sampling=(10.0 * in_plane_extent, spacing_xyz[1], spacing_xyz[0]))
-    return sub & (dist <= thickness_mm)
+        return out
+    sampling = (spacing_xyz[1], spacing_xyz[0])
+    for k in range(sub.shape[0]):
+        if sub[k].any():
+            out[k] = sub[k] & (ndi.distance_transform_edt(sub[k], sampling=sampling) <= thickness_mm)
+    return out
