@@ -1,0 +1,181 @@
+"""Optional neural lung model hook: a user's trained 2D U-Net instead of the classical engine.
+
+Why a hook and not a bundled network: a lung U-Net worth using (e.g. lungmask's R231) is
+trained on thousands of annotated scans we cannot ship; users who have such weights can
+plug them in. :func:`CovidCTDxLib.lungs.segment_lungs` accepts any object with
+``predict(ct) -> labelmap`` (0 background, 1 right lung, 2 left lung; a 0/1 lung map also
+works) and re-decides right/left from patient coordinates, so a model trained on another
+orientation convention still gets sides right.
+
+Weights file (safetensors, so loading never unpickles code):
+
+- tensors: the ``state_dict`` of :class:`UNet2D` below, key layout
+  ``down_path.{0..depth-1}.block.{0,2,3,5}.{weight,bias,running_mean,running_var,
+  num_batches_tracked}`` (conv 0, batch-norm 2, conv 3, batch-norm 5),
+  ``up_path.{0..depth-2}.up.1.{weight,bias}`` (1×1 conv after bilinear up-sampling),
+  ``up_path.{i}.conv_block.block.{0,2,3,5}.*`` and ``last.{weight,bias}``.
+  This is the layout of the R231 U-Net (depth 5, wf 6 = 64..1024 channels, ~29 M
+  parameters, padding, batch norm, bilinear up-sampling), so its weights convert with ``safetensors.torch.save_file(state_dict)``;
+- metadata (optional strings): ``depth`` (5), ``wf`` (6), ``n_classes`` (3),
+  ``hu_min`` (-1024), ``hu_max`` (600), ``size`` (256): the input slice size.
+
+Input convention (R231): each axial slice clipped to [hu_min, hu_max], scaled to [0, 1],
+resized to size×size; argmax of the logits resized back (nearest) to the slice.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Dict, Optional, Protocol, Union, runtime_checkable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .errors import WeightsError
+from .volume import LPS_SUPERIOR, CTVolume
+
+log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class LungModel(Protocol):
+    """Anything that maps a CT to a lung labelmap on its grid (0 bg, 1 right, 2 left)."""
+
+    def predict(self, ct: CTVolume) -> np.ndarray:  # pragma: no cover - protocol
+        ...
+
+
+class _ConvBlock(nn.Module):
+    """Two 3×3 convolutions, each followed by ReLU and batch norm (R231 order)."""
+
+    def __init__(self, in_ch: int, out_ch: int) -> None:
+        super().__init__()
+        self.block = nn.Sequential(
+            nn.Conv2d(in_ch, out_ch, 3, padding=1), nn.ReLU(inplace=True), nn.BatchNorm2d(out_ch),
+            nn.Conv2d(out_ch, out_ch, 3, padding=1), nn.ReLU(inplace=True), nn.BatchNorm2d(out_ch),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x)
+
+
+class _UpBlock(nn.Module):
+    """Bilinear ×2 up-sampling + 1×1 conv, concatenation with the skip, conv block."""
+
+    def __init__(self, in_ch: int, out_ch: int) -> None:
+        super().__init__()
+        self.up = nn.Sequential(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False), nn.Conv2d(in_ch, out_ch, 1))
+        self.conv_block = _ConvBlock(in_ch, out_ch)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.conv_block(torch.cat([self.up(x), skip], dim=1))
+
+
+class UNet2D(nn.Module):
+    """2D U-Net of the lungmask R231 size by default: depth 5, channels 2**(wf+i) with
+    wf 6 = 64..1024, ~29 M parameters for 1 input channel and 3 classes (R231 uses the
+    pytorch-unet defaults for width). Smaller ``wf`` gives lighter models (wf 4: ~1.8 M)."""
+
+    def __init__(self, in_channels: int = 1, n_classes: int = 3, depth: int = 5, wf: int = 6) -> None:
+        super().__init__()
+        self.depth = depth
+        ch = [2 ** (wf + i) for i in range(depth)]
+        self.down_path = nn.ModuleList(_ConvBlock(in_channels if i == 0 else ch[i - 1], ch[i]) for i in range(depth))
+        self.up_path = nn.ModuleList(_UpBlock(ch[i + 1], ch[i]) for i in reversed(range(depth - 1)))
+        self.last = nn.Conv2d(ch[0], n_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for i, down in enumerate(self.down_path):
+            x = down(x)
+            if i != self.depth - 1:
+                skips.append(x)
+                x = F.max_pool2d(x, 2)
+        for up, skip in zip(self.up_path, reversed(skips)):
+            x = up(x, skip)
+        return self.last(x)
+
+
+class TorchLungModel:
+    """A :class:`UNet2D` applied slice by slice on CPU (or any torch device)."""
+
+    def __init__(
+        self,
+        net: UNet2D,
+        hu_min: float = -1024.0,
+        hu_max: float = 600.0,
+        size: int = 256,
+        batch_size: int = 8,
+        device: Union[str, torch.device] = "cpu",
+    ) -> None:
+        self.net = net.eval().to(device)
+        self.hu_min, self.hu_max, self.size = float(hu_min), float(hu_max), int(size)
+        self.batch_size = int(batch_size)
+        self.device = torch.device(device)
+
+    @classmethod
+    def from_file(cls, path: Union[str, Path], device: str = "cpu") -> "TorchLungModel":
+        """Load a U-Net from a safetensors file (layout in the module docstring).
+
+        Raises:
+            WeightsError: missing/corrupt file or tensors that do not fit the network.
+        """
+        from safetensors import SafetensorError, safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise WeightsError(f"Lung model weights not found: {path}")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta: Dict[str, str] = f.metadata() or {}
+                state = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise WeightsError(f"{path} is not a readable safetensors file: {exc}") from exc
+        try:
+            depth, wf = int(meta.get("depth", 5)), int(meta.get("wf", 6))
+            n_classes = int(meta.get("n_classes", state["last.weight"].shape[0] if "last.weight" in state else 3))
+            net = UNet2D(1, n_classes, depth, wf)
+            net.load_state_dict(state, strict=True)
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise WeightsError(
+                f"{path} does not hold a UNet2D lung model (see CovidCTDxLib.lung_model for the expected layout): {exc}"
+            ) from exc
+        log.info("lung model %s: depth %d, wf %d, %d classes", path.name, depth, wf, n_classes)
+        return cls(
+            net,
+            hu_min=float(meta.get("hu_min", -1024)),
+            hu_max=float(meta.get("hu_max", 600)),
+            size=int(meta.get("size", 256)),
+            device=device,
+        )
+
+    def save(self, path: Union[str, Path]) -> None:
+        """Write the network as safetensors with the metadata :meth:`from_file` reads."""
+        from safetensors.torch import save_file
+
+        meta = {
+            "depth": str(self.net.depth), "wf": str(int(np.log2(self.net.last.in_channels))),
+            "n_classes": str(self.net.last.out_channels), "hu_min": str(self.hu_min),
+            "hu_max": str(self.hu_max), "size": str(self.size),
+        }
+        save_file({k: v.contiguous() for k, v in self.net.state_dict().items()}, str(path), metadata=meta)
+
+    @torch.no_grad()
+    def predict(self, ct: CTVolume, progress: Optional[object] = None) -> np.ndarray:
+        """Label every axial slice; returns uint8 labels on the CT grid."""
+        axis, _ = ct.axis_for(LPS_SUPERIOR)
+        vol = np.moveaxis(ct.array, axis, 0)
+        out = np.zeros(vol.shape, np.uint8)
+        h, w = vol.shape[1:]
+        for start in range(0, vol.shape[0], self.batch_size):
+            chunk = np.clip(vol[start:start + self.batch_size].astype(np.float32), self.hu_min, self.hu_max)
+            x = torch.from_numpy((chunk - self.hu_min) / (self.hu_max - self.hu_min))[:, None].to(self.device)
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+            labels = self.net(x).argmax(1, keepdim=True).to(torch.uint8)
+            labels = F.interpolate(labels.float(), size=(h, w), mode="nearest")[:, 0]
+            out[start:start + len(chunk)] = labels.cpu().numpy().astype(np.uint8)
+            if callable(progress):
+                progress(min(1.0, (start + len(chunk)) / vol.shape[0]), "Lung model: slices")
+        return np.moveaxis(out, 0, axis)
