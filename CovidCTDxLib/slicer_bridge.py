@@ -574,19 +574,44 @@ def _segment_key(segment_id: str, segment_name: str) -> str:
     return segment_id
 
 
+def _labelmap_on_grid(labelmap, reference_matrix: np.ndarray, dims: Tuple[int, int, int]) -> Optional[np.ndarray]:
+    """Fast path: a labelmap already on the reference grid (the usual case after our own
+    write or Segment Editor edits) is pasted by extent, without resampling. None if not aligned."""
+    vtk, numpy_support = _vtk()
+    m = vtk.vtkMatrix4x4()
+    labelmap.GetImageToWorldMatrix(m)
+    if not np.allclose(_matrix_to_numpy(m), reference_matrix, atol=1e-6):
+        return None
+    mask = np.zeros(dims[::-1], dtype=bool)
+    i0, i1, j0, j1, k0, k1 = labelmap.GetExtent()
+    scalars = labelmap.GetPointData().GetScalars()
+    if scalars is None or i1 < i0 or j1 < j0 or k1 < k0:
+        return mask
+    block = numpy_support.vtk_to_numpy(scalars).reshape(k1 - k0 + 1, j1 - j0 + 1, i1 - i0 + 1)
+    lo = [max(0, v) for v in (k0, j0, i0)]
+    hi = [min(d, v + 1) for d, v in zip(dims[::-1], (k1, j1, i1))]
+    if any(h <= l for l, h in zip(lo, hi)):
+        return mask
+    mask[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = (
+        block[lo[0] - k0 : hi[0] - k0, lo[1] - j0 : hi[1] - j0, lo[2] - i0 : hi[2] - i0] > 0
+    )
+    return mask
+
+
 def masks_from_segmentation_node(segmentation_node, reference_volume_node) -> Dict[str, np.ndarray]:
     """Every segment as a bool (z, y, x) mask on the reference volume's grid.
 
     Works whatever the segmentation's own geometry, layers or source representation
-    (e.g. after Segment Editor edits, a closed-surface import, or a different grid): each
-    segment's labelmap is resampled onto the reference volume through physical space.
+    (e.g. after Segment Editor edits, a closed-surface import, or a different grid): a
+    segment on another grid is resampled onto the reference volume through physical space.
     """
     slicer = _slicer()
     _, numpy_support = _vtk()
     dims = reference_volume_node.GetImageData().GetDimensions()
+    reference_matrix = ijk_to_ras(reference_volume_node)
     reference = slicer.vtkOrientedImageData()
     reference.SetExtent(0, dims[0] - 1, 0, dims[1] - 1, 0, dims[2] - 1)
-    reference.SetImageToWorldMatrix(_numpy_to_matrix(ijk_to_ras(reference_volume_node)))
+    reference.SetImageToWorldMatrix(_numpy_to_matrix(reference_matrix))
     segmentation = segmentation_node.GetSegmentation()
     if segmentation.GetNumberOfSegments() and not segmentation_node.CreateBinaryLabelmapRepresentation():
         raise InputError(f"Segmentation '{segmentation_node.GetName()}' cannot be converted to a labelmap.")
@@ -596,14 +621,13 @@ def masks_from_segmentation_node(segmentation_node, reference_volume_node) -> Di
         segment = segmentation.GetSegment(segment_id)
         labelmap = slicer.vtkOrientedImageData()
         segmentation_node.GetBinaryLabelmapRepresentation(segment_id, labelmap)
-        on_grid = slicer.vtkOrientedImageData()
-        if not slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(labelmap, reference, on_grid):
-            raise GeometryError(f"Segment '{segment.GetName()}' could not be resampled onto '{reference_volume_node.GetName()}'.")
-        scalars = on_grid.GetPointData().GetScalars()
-        if scalars is None:
-            mask = np.zeros(dims[::-1], dtype=bool)
-        else:
-            mask = numpy_support.vtk_to_numpy(scalars).reshape(dims[::-1]) > 0
+        mask = _labelmap_on_grid(labelmap, reference_matrix, dims)
+        if mask is None:
+            on_grid = slicer.vtkOrientedImageData()
+            if not slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(labelmap, reference, on_grid):
+                raise GeometryError(f"Segment '{segment.GetName()}' could not be resampled onto '{reference_volume_node.GetName()}'.")
+            scalars = on_grid.GetPointData().GetScalars()
+            mask = np.zeros(dims[::-1], dtype=bool) if scalars is None else numpy_support.vtk_to_numpy(scalars).reshape(dims[::-1]) > 0
         masks[_segment_key(segment_id, segment.GetName())] = mask
     return masks
 

@@ -294,6 +294,21 @@ def test_seg_nrrd_written_by_mrml_reads_back(scene, tmp_path):
         np.testing.assert_array_equal(cli.masks[name], mask, err_msg=name)
 
 
+def test_masks_are_resampled_onto_a_differently_indexed_reference(scene):
+    """Same physical voxels, i axis reversed: exercises the resampling path, not the fast paste."""
+    ct = make_ct(np.eye(3))
+    masks = make_masks(ct)
+    volume = sb.volume_node_from_ct(scene, ct, "CT")
+    seg_node = sb.write_result_to_scene(scene, make_result(ct, masks), volume, closed_surface=False).segmentation
+    nx = ct.shape[2]
+    origin = np.array(ct.origin) + np.array([(nx - 1) * ct.spacing[0], 0.0, 0.0])
+    mirrored = CTVolume(ct.array[:, :, ::-1].copy(), ct.spacing, tuple(origin), np.diag([-1.0, 1.0, 1.0]))
+    reference = sb.volume_node_from_ct(scene, mirrored, "CT mirrored index")
+    back = sb.masks_from_segmentation_node(seg_node, reference)
+    for name, mask in masks.items():
+        np.testing.assert_array_equal(back[name], mask[:, :, ::-1], err_msg=name)
+
+
 # --------------------------------------------------------------------------- tables, evidence, hierarchy
 def test_tables_columns_units_and_provenance(scene):
     ct = make_ct(np.eye(3))
