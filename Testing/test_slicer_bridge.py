@@ -537,3 +537,22 @@ def test_worker_reports_user_errors(tmp_path):
     assert job.wait(timeout=120) == FAILED
     assert job.error_type == "NotCTError", job.error
     assert "HU" in job.error or "air" in job.error
+
+
+def test_headless_batch_over_a_folder(tmp_path, small_phantom):
+    """Logic.processFolder's engine: every CT in a folder → one output folder; bad cases reported."""
+    from CovidCTDxLib.io import write_volume
+    from CovidCTDxLib.pipeline import PipelineOptions
+    from CovidCTDxLib.worker import process_folder
+
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    write_volume(small_phantom.ct, cases / "phantom.nrrd")
+    write_volume(CTVolume(np.zeros((20, 64, 64), np.int16), (3.0, 3.0, 5.0)), cases / "not_a_chest.nii.gz")
+    messages = []
+    status = process_folder(cases, tmp_path / "out", PipelineOptions(stages=("lungs",)), lambda f, m: messages.append((f, m)))
+    assert status["phantom"] == "ok"
+    assert "not_a_chest" in status and status["not_a_chest"] != "ok"
+    assert (tmp_path / "out" / "phantom" / "results.json").exists()
+    assert not (tmp_path / "out" / "not_a_chest" / "results.json").exists()
+    assert messages[-1][0] == 1.0
