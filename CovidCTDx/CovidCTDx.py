@@ -343,8 +343,9 @@ class CovidCTDxWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._job.cleanup()
             self._job = None
             self._jobInput = None
-        self.ui.progressBar.setVisible(False)
-        self.updateGUIFromParameterNode()
+        if hasattr(self, "ui"):
+            self.ui.progressBar.setVisible(False)
+            self.updateGUIFromParameterNode()
 
     def setOutputs(self, nodes) -> None:
         p = self._parameterNode

@@ -142,11 +142,12 @@ def ras_matrix_for(ct: CTVolume) -> np.ndarray:
     return LPS_TO_RAS @ ct.index_to_lps_matrix()
 
 
-def ct_from_volume_node(volume_node) -> CTVolume:
-    """A CTVolume (LPS, (z, y, x) array copy) from a scalar volume node.
+def ct_from_volume_node(volume_node, copy: bool = True) -> CTVolume:
+    """A CTVolume (LPS, (z, y, x) array) from a scalar volume node.
 
-    The array is copied so the CT stays valid if the node changes or is deleted while a
-    stage runs. Spacing and direction come from the full IJK→RAS matrix, so flipped
+    The array is copied by default so the CT stays valid if the node changes or is deleted
+    while a stage runs; ``copy=False`` shares VTK's memory for synchronous read-only use
+    (the recompute after an edit). Spacing and direction come from the full IJK→RAS matrix, so flipped
     (negative direction) and oblique volumes keep their physical voxel positions.
     """
     _, numpy_support = _vtk()
@@ -161,7 +162,9 @@ def ct_from_volume_node(volume_node) -> CTVolume:
             "a CT has one (is this a colour or vector image?)."
         )
     dims = image.GetDimensions()
-    array = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(dims[::-1]).copy()
+    array = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(dims[::-1])
+    if copy:
+        array = array.copy()
     lps = LPS_TO_RAS @ ijk_to_ras(volume_node)
     axes = lps[:3, :3]
     spacing = np.linalg.norm(axes, axis=0)
@@ -666,7 +669,7 @@ def recompute_findings(scene, segmentation_node, volume_node, table_node=None):
     table as it was. Returns the (new or updated) findings table node.
     """
     lungs, lesions = lung_and_lesion_masks(masks_from_segmentation_node(segmentation_node, volume_node))
-    ct = ct_from_volume_node(volume_node)
+    ct = ct_from_volume_node(volume_node, copy=False)  # synchronous, read-only
     from .findings import compute_findings
     from .lesions import split_lesion_types
     from .zones import compute_zones
