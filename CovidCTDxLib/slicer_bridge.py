@@ -217,12 +217,13 @@ def scene_transaction(scene) -> Iterator[None]:
     before = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
     try:
         yield
-    except BaseException:
+    except BaseException as exc:
         added = [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]
         added = [n for n in added if n is not None and n.GetID() not in before]
         for node in reversed(added):
             if scene.IsNodePresent(node):
                 scene.RemoveNode(node)
+        logger.warning("Removed %d node(s) added before the failure (%s); the scene is as it was.", len(added), exc)
         raise
 
 
