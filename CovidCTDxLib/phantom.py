@@ -133,27 +133,28 @@ class InsertedLesions:
 _HU = np.zeros(16, dtype=np.float32)
 _HU[[AIR, FAT, MUSCLE, MEDIASTINUM, LUNG_R, LUNG_L, ABDOMEN, BLOOD, MARROW, CORTEX, DISC,
      TABLE_SHELL, TABLE_FOAM, AIRWAY, AIRWAY_WALL, CSF]] = [
-    -1000, -100, 45, -60, -850, -850, 55, 40, 250, 850, 80, 300, -900, -1000, 30, 15]
+    -1000, -100, 45, -60, -850, -850, 55, 40, 250, 850, 80, 350, -900, -1000, 30, 15]
 
-BODY_HALF = (165.0, 115.0)  # x, y of the skin ellipse
-FAT_MM = 14.0
-CAVITY_YC, CAVITY_HALF_Y, CAVITY_HALF_X = 2.0, 88.0, 135.0
+BODY_HALF = (157.0, 110.0)  # x, y of the skin ellipse
+FAT_MM = 12.0
+CAVITY_YC, CAVITY_HALF_Y, CAVITY_HALF_X = -5.0, 82.0, 128.0
 RIB_THICK = 0.085  # of the cavity radius
 LUNG_APEX_Z, LUNG_BASE_Z = 152.0, -160.0
 MED_XC = 5.0
+APEX_C, APEX_R, APEX_H = (75.0, 0.0), (70.0, 90.0), 72.0
 _MED_Y = np.array([-100.0, -62.0, -40.0, 0.0, 40.0, 100.0])
 _MED_HALF = np.array([2.0, 3.0, 18.0, 28.0, 26.0, 22.0])
 HEART_C, HEART_R = np.array([28.0, -25.0, -75.0]), np.array([62.0, 50.0, 55.0])
-SPINE_BODY_C, SPINE_BODY_R = (0.0, 62.0), (19.0, 16.0)
-CANAL_C, CANAL_R = (0.0, 90.0), 9.0
+SPINE_BODY_C, SPINE_BODY_R = (0.0, 55.0), (19.0, 16.0)
+CANAL_C, CANAL_R = (0.0, 83.0), 8.0
 VERTEBRA_PITCH = 25.0
 RIB_PITCH, RIB_HALF_H, RIB_DROP, RIB_TOP = 26.0, 5.0, 55.0, 165.0
-TABLE_Y, TABLE_HALF_W = 119.0, 215.0
-CARINA = np.array([0.0, 22.0, 55.0])
+TABLE_Y, TABLE_HALF_W = 114.0, 215.0
+CARINA = np.array([0.0, 15.0, 55.0])
 
 #: (start, end, radius, label) solid tubes painted over the mediastinum.
 _TUBES: List[Tuple[Tuple[float, float, float], Tuple[float, float, float], float, int]] = [
-    ((-6, 38, 400), (-6, 38, -400), 7.0, MUSCLE),  # oesophagus
+    ((-8, 31, 400), (-8, 31, -400), 7.0, MUSCLE),  # oesophagus
     ((4, -18, -40), (4, -18, 75), 15.0, BLOOD),  # ascending aorta
     ((4, -18, 75), (26, 10, 80), 12.5, BLOOD),  # arch
     ((26, 10, 80), (24, 42, 72), 12.0, BLOOD),
@@ -167,9 +168,9 @@ _TUBES: List[Tuple[Tuple[float, float, float], Tuple[float, float, float], float
 ]
 #: Trachea and main bronchi: (start, end, lumen radius, wall thickness).
 _AIRWAYS = [
-    ((0, 22, 400), tuple(CARINA), 9.0, 2.0),
-    (tuple(CARINA), (-48, 24, 22), 7.0, 1.8),
-    (tuple(CARINA), (52, 28, 5), 6.0, 1.8),
+    ((0, 15, 400), tuple(CARINA), 9.0, 2.0),
+    (tuple(CARINA), (-46, 17, 22), 7.0, 1.8),
+    (tuple(CARINA), (50, 21, 5), 6.0, 1.8),
 ]
 #: Vessel tree roots inside the lungs: (point, initial directions, radius).
 _SX = {"right": -1.0, "left": 1.0}
@@ -185,6 +186,13 @@ def _diaphragm_z(x, y):
     return LUNG_BASE_Z + np.maximum(right, left)
 
 
+def _apex_term(x, y):
+    """Normalised radius of each lung's apical dome; the lung at height z lies where this is
+    below (apex - z) / APEX_H, so the cross-section shrinks to a point at the apex."""
+    xl = np.where(x < MED_XC, -APEX_C[0], APEX_C[0])
+    return ((x - xl) / APEX_R[0]) ** 2 + ((y - APEX_C[1]) / APEX_R[1]) ** 2
+
+
 def _lung_side(x, y, z):
     """0 outside, 1 right lung, 2 left lung, for broadcastable LPS coordinate arrays.
 
@@ -198,9 +206,8 @@ def _lung_side(x, y, z):
     inside &= z > _diaphragm_z(x, y)
     inside &= z < LUNG_APEX_Z
     # Apices: each lung's cross-section shrinks to a dome.
-    s2 = np.maximum((LUNG_APEX_Z - z) / 72.0, 1e-6)
-    xl = np.where(x < MED_XC, -78.0, 78.0)
-    inside &= ((x - xl) / 72.0) ** 2 + ((y - 10.0) / 95.0) ** 2 < s2
+    s2 = np.maximum((LUNG_APEX_Z - z) / APEX_H, 1e-6)
+    inside &= _apex_term(x, y) < s2
     heart = (((x - HEART_C[0]) / HEART_R[0]) ** 2 + ((y - HEART_C[1]) / HEART_R[1]) ** 2
              + ((z - HEART_C[2]) / HEART_R[2]) ** 2) < 1.0
     inside &= ~heart
@@ -285,8 +292,9 @@ class _Anatomy:
         sec = np.zeros((ny, nx), dtype=np.uint8)
         ty = TABLE_Y - 0.0005 * X ** 2
         in_table_x = np.abs(X) < TABLE_HALF_W
-        sec[in_table_x & (Y >= ty) & (Y < ty + 16.0)] = TABLE_FOAM
-        sec[in_table_x & (((Y >= ty) & (Y < ty + 2.0)) | ((Y >= ty + 14.0) & (Y < ty + 16.0)))] = TABLE_SHELL
+        # Carbon-fibre shells (3 mm) around a foam core, curved up at the sides.
+        sec[in_table_x & (Y >= ty) & (Y < ty + 18.0)] = TABLE_FOAM
+        sec[in_table_x & (((Y >= ty) & (Y < ty + 3.0)) | ((Y >= ty + 15.0) & (Y < ty + 18.0)))] = TABLE_SHELL
         self.body = (X / BODY_HALF[0]) ** 2 + (Y / BODY_HALF[1]) ** 2 < 1.0
         sec[self.body] = FAT
         inner = (X / (BODY_HALF[0] - FAT_MM)) ** 2 + (Y / (BODY_HALF[1] - FAT_MM)) ** 2 < 1.0
@@ -299,8 +307,7 @@ class _Anatomy:
         m = np.interp(Y, _MED_Y, _MED_HALF)
         self.med_right = np.broadcast_to(X < MED_XC - m, (ny, nx))
         self.med_left = np.broadcast_to(X > MED_XC + m, (ny, nx))
-        xl = np.where(X < MED_XC, -78.0, 78.0)
-        self.apex = (((X - xl) / 72.0) ** 2 + ((Y - 10.0) / 95.0) ** 2).astype(np.float32)
+        self.apex = _apex_term(X, Y).astype(np.float32)
         self.heart = (((X - HEART_C[0]) / HEART_R[0]) ** 2 + ((Y - HEART_C[1]) / HEART_R[1]) ** 2).astype(np.float32)
         phi_cos = cyy / np.maximum(np.hypot(X, cyy), 1e-3)  # 1 posterior, -1 anterior
         self.rib_drop = np.broadcast_to(RIB_DROP * (1.0 - phi_cos) / 2.0, (ny, nx)).astype(np.float32)
@@ -312,7 +319,7 @@ class _Anatomy:
         rc = np.hypot(X - CANAL_C[0], Y - CANAL_C[1])
         vb = ((X - SPINE_BODY_C[0]) / SPINE_BODY_R[0]) ** 2 + ((Y - SPINE_BODY_C[1]) / SPINE_BODY_R[1]) ** 2
         post = ((rc >= CANAL_R) & (rc < CANAL_R + 6.0) & (Y > CANAL_C[1] - 6.0)) | (
-            (np.abs(X) < 4.0) & (Y > CANAL_C[1] + CANAL_R) & (Y < 108.0)) | ((np.abs(X) < 36.0) & (np.abs(Y - 86.0) < 5.0))
+            (np.abs(X) < 4.0) & (Y > CANAL_C[1] + CANAL_R) & (Y < 100.0)) | ((np.abs(X) < 34.0) & (np.abs(Y - 79.0) < 5.0))
         self.vb = np.broadcast_to(vb < 1.0, (ny, nx))
         self.vb_cortex = np.broadcast_to((vb >= 0.75) & (vb < 1.0), (ny, nx)) | post
         self.canal = np.broadcast_to(rc < CANAL_R, (ny, nx))
@@ -334,7 +341,7 @@ class _Anatomy:
         below = self.zd >= z
         np.copyto(sl, ABDOMEN, where=cavity & below)
         if z < LUNG_APEX_Z:
-            lung = cavity & ~below & (self.apex < max((LUNG_APEX_Z - z) / 72.0, 1e-6))
+            lung = cavity & ~below & (self.apex < max((LUNG_APEX_Z - z) / APEX_H, 1e-6))
             hz = 1.0 - ((z - HEART_C[2]) / HEART_R[2]) ** 2
             if hz > 0:
                 lung &= self.heart >= hz

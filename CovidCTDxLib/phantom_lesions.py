@@ -290,12 +290,21 @@ def _border_normal(dist: np.ndarray, zyx: np.ndarray, geom: _Geometry) -> np.nda
 
 # --------------------------------------------------------------------------- fields
 def _rasterize_fields(
-    plans: List[LesionPlan], geom_c: _Geometry, shape_c: Tuple[int, int, int], rng: np.random.Generator, scale: float
+    plans: List[LesionPlan],
+    geom_c: _Geometry,
+    shape_c: Tuple[int, int, int],
+    rng: np.random.Generator,
+    scale: float,
+    depth_penalty: Optional[np.ndarray] = None,
 ) -> Tuple[np.ndarray, np.ndarray]:
-    """Coarse min-field and owner index over all lesions (inf / -1 where none reaches)."""
+    """Coarse min-field and owner index over all lesions (inf / -1 where none reaches).
+
+    ``depth_penalty`` (coarse grid) is added to every field: for COVID it grows with the
+    distance to the pleura, so lesions spread along the lung surface (subpleural) rather
+    than towards the hilum.
+    """
     fmin = np.full(shape_c, np.inf, dtype=np.float32)
     owner = np.full(shape_c, -1, dtype=np.int16)
-    minv = np.linalg.inv(geom_c.matrix)
     for n, p in enumerate(plans):
         radii = p.radii * scale
         half = _BOX_EDGE * radii.max()
@@ -323,10 +332,11 @@ def _rasterize_fields(
         np.clip(noise, -2.5, 2.5, out=noise)
         f = np.sqrt(d2) + _NOISE_AMPLITUDE * noise
         box = tuple(slice(lo[a], hi[a]) for a in range(3))
+        if depth_penalty is not None:
+            f += depth_penalty[box]
         better = f < fmin[box]
         fmin[box][better] = f[better]
         owner[box][better] = n
-    del minv
     return fmin, owner
 
 
@@ -373,14 +383,20 @@ class LesionGrower:
         self.target = max(1, int(round(lvr_percent / 100.0 * self.n_lung)))
         lungs_c = self._subsample(self.f)
 
-        # Distance to the pleura on a ~5 mm grid: only used to choose centres.
-        g = tuple(max(1, int(round(5.0 / s))) for s in geom.spacing[::-1])
+        # Distance to the pleura on a grid twice as coarse (~5 mm), cheap to compute; it
+        # chooses the centres and, up-sampled, keeps COVID lesions subpleural.
+        g = tuple(2 * fa for fa in self.f)
         lungs_d = self._subsample(g)
         geom_d = _Geometry(lungs_d.shape, geom.spacing * np.array(g[::-1]), geom.origin, geom.direction)
         dist_d = ndimage.distance_transform_edt(lungs_d > 0, sampling=tuple(geom_d.spacing[::-1])).astype(np.float32)
         lung_mm3 = self.n_lung * float(np.prod(geom.spacing))
         self.plans = plan_lesions(kind, lvr_percent, lungs_d, dist_d, geom_d, lung_mm3, rng)
         self.field_seed = int(rng.integers(2**31))
+        self.depth_penalty = None
+        if kind == "covid":
+            dist_c = upsample_linear(dist_d, (2, 2, 2), tuple(slice(0, n) for n in self.shape_c))
+            d0 = 10.0 + 0.6 * lvr_percent  # extensive disease reaches deeper
+            self.depth_penalty = np.maximum(dist_c - d0, 0.0) * np.float32(0.5 / d0)
         self._grow(lungs_c)
 
     # ----------------------------------------------------------------- planning helpers
@@ -396,7 +412,7 @@ class LesionGrower:
         ratio = self.n_lung / max(int(np.count_nonzero(lungs_c)), 1)  # full voxels per coarse lung point
         for _attempt in range(12):
             fmin, owner = _rasterize_fields(self.plans, self.geom_c, self.shape_c,
-                                            np.random.default_rng(self.field_seed), scale)
+                                            np.random.default_rng(self.field_seed), scale, self.depth_penalty)
             vals = fmin[(lungs_c > 0) & (fmin < _MAX_THRESHOLD)]
             available = vals.size * ratio
             if available < 1.05 * self.target:
