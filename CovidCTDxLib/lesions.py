@@ -25,18 +25,22 @@ Definitions and thresholds
   ``GGO_CONTRAST_HU`` above that level *and* above the infiltration floor of -750 HU.
 
 Vessels and airway walls
-- Vessels are bright tubes. Thin ones (and bronchial walls, noise specks and the
-  partial-volume sheet where the diaphragm dome cuts a slice) are thinner than any lesion
-  we report, so a binary opening by a ball of ``OPENING_RADIUS_MM`` removes them while
-  keeping lesions at least that thick. The opening is *masked*: outside the lung counts
-  as foreground for the erosion, so subpleural lesions are not eroded from the pleura.
-- Larger vessels near the hila survive any opening that keeps small lesions, so they are
-  found by their shape: multi-scale Hessian objectness for bright line-like structures
-  (Frangi et al. 1998, SimpleITK ``ObjectnessMeasure``, object dimension 1) on a half
-  in-plane resolution grid (speed; the vessels concerned are >= 3 mm wide). Their
-  partial-volume halo is removed with them. Vessels running *through* ground glass are
-  given back to the lesion by a final closing, as radiologists draw lesions.
-- Components smaller than ``MIN_LESION_ML`` are dropped.
+- Bright lung voxels (>= -300 HU) are vessel, bronchial wall or consolidation. Those a
+  binary opening by ``VESSEL_MAX_RADIUS_MM`` removes are thinner than any consolidation
+  worth reporting (segmental vessels are <= ~8 mm wide): they and their partial-volume
+  halo (``VESSEL_HALO_MM``, the blur of a bright core into ground-glass HU) are removed
+  from the candidates. A size rule, not a Hessian vesselness: we tried multi-scale
+  Hessian objectness (Frangi et al. 1998, SimpleITK ``ObjectnessMeasure``); it cost ~1 s
+  per scale on a half-resolution grid and still missed vessel halos on the real COVID-19
+  scan, while the size rule is a few binary morphology passes.
+- Remaining thin structures (small vessels, walls, noise specks, the partial-volume band
+  where the diaphragm dome cuts a slice) go with a binary opening by a ball of
+  ``OPENING_RADIUS_MM``: ground glass thicker than ~4 mm stays.
+- A closing and a per-slice hole fill give vessels running *through* ground glass back
+  to the lesion, as radiologists draw lesions. Components smaller than
+  ``MIN_LESION_ML`` are dropped.
+- The engine works on a ~1.5 mm grid (block mean), fine enough for all of the above and
+  ~4x less work on 0.7 mm scans; the result is pasted back and clipped to the lungs.
 """
 from __future__ import annotations
 
@@ -45,6 +49,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 import SimpleITK as sitk
+from scipy import ndimage as ndi
 
 from .progress import Progress
 from .result import LesionMasks, LungMasks
@@ -60,27 +65,27 @@ CONSOLIDATION_HU = -300.0
 #: Required excess over the local aerated-parenchyma level (HU). Faint ground glass is
 #: ~150-250 HU above normal lung; the dependent gradient and low-dose noise after the
 #: 1 mm smoothing stay well below.
-GGO_CONTRAST_HU = 150.0
+GGO_CONTRAST_HU = 100.0
 #: Band width (mm) along the gravity axis for the parenchyma level.
 BAND_MM = 10.0
 #: Percentile of sub -500 HU lung voxels that estimates aerated parenchyma per band.
 PARENCHYMA_PERCENTILE = 40.0
+#: Working grid voxel size (mm) for the engine (block mean of the CT).
+WORK_GRID_MM = 1.5
 #: Gaussian smoothing (mm) against low-dose noise before thresholding.
 SMOOTHING_MM = 1.0
 #: Opening radius (mm): vessels, airway walls and partial-volume sheets thinner than
 #: ~2x this disappear; lesions thicker than that stay.
 OPENING_RADIUS_MM = 2.0
-#: Hessian scales (mm) for the large-vessel detector and its acceptance level.
-VESSEL_SCALES_MM = (1.5, 2.5, 4.0)
-VESSEL_OBJECTNESS = 0.5
-#: Only structures at least this dense at the detection scale can be vessels (HU).
-VESSEL_MIN_HU = -500.0
+#: Bright (>= -300 HU) structures thinner than twice this radius (mm) are vessels or
+#: airway walls, not consolidation: segmental arteries and veins are <= ~8 mm wide.
+VESSEL_MAX_RADIUS_MM = 4.0
 #: Halo (mm) around a detected vessel that is partial volume, not lesion.
 VESSEL_HALO_MM = 1.5
 #: Closing radius (mm) that gives vessels inside ground glass back to the lesion.
 CLOSING_RADIUS_MM = 2.0
 #: Smallest lesion component the engine reports (mL): ~ a 6 mm sphere.
-MIN_LESION_ML = 0.1
+MIN_LESION_ML = 0.25
 
 
 # ------------------------------------------------------------------ public API
@@ -102,23 +107,28 @@ def detect_lesions(ct: CTVolume, lungs: LungMasks, progress: Optional[Progress] 
     if not lung_full.any():
         return LesionMasks(lesion=lesion, ggo=lesion.copy(), consolidation=lesion.copy())
     box = _bbox(lung_full, pad=2)
-    lung = lung_full[box]
-    spacing = ct.spacing_zyx
+    spacing_full = ct.spacing_zyx
+    # Work on a ~1.5 mm grid: every structure the engine reasons about (lesions >= 4 mm
+    # thick, vessels >= 1.5 mm) is resolved, and it is 4x less work on 0.7 mm scans.
+    factors = tuple(max(1, int(round(WORK_GRID_MM / s))) for s in spacing_full)
+    spacing = tuple(s * f for s, f in zip(spacing_full, factors))
     report(0.05, "Lesions: smoothing")
-    img = _image(ct.array[box], spacing)
-    smooth = sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(img, SMOOTHING_MM))
+    hu = _shrink(ct.array[box], factors)
+    lung = _shrink(lung_full[box], factors) >= 0.5
+    smooth = sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(_image(hu, spacing), SMOOTHING_MM))
+    del hu
     report(0.2, "Lesions: parenchyma level")
-    threshold = _abnormal_threshold(ct, box, smooth, lung)
+    threshold = _abnormal_threshold(ct, box, factors, smooth, lung)
     candidate = lung & (smooth > threshold)
     del threshold
     report(0.35, "Lesions: vessels")
-    vessels = _large_vessels(smooth, lung, spacing, report)
-    candidate &= ~vessels
+    candidate &= ~_thin_bright(smooth, lung, spacing)
     report(0.75, "Lesions: size filter")
-    core = _masked_opening(candidate, lung, spacing, OPENING_RADIUS_MM)
+    core = _opening(candidate, spacing, OPENING_RADIUS_MM)
     core = _closing_within(core, lung, spacing, CLOSING_RADIUS_MM)
+    core = _fill_holes_2d(core) & lung
     core = _drop_small(core, spacing, MIN_LESION_ML)
-    lesion[box] = core
+    lesion[box] = _upsample_nearest(core, factors, lesion[box].shape) & lung_full[box]
     report(0.95, "Lesions: ground glass / consolidation")
     ggo, consolidation = split_lesion_types(ct, lesion)
     ml = ct.voxel_volume_ml
@@ -164,22 +174,25 @@ def _image(array: np.ndarray, spacing_zyx) -> sitk.Image:
     return img
 
 
-def _posterior_mm(ct: CTVolume, box) -> np.ndarray:
-    """Position (mm) along the gravity axis (LPS posterior) of each voxel in ``box``,
+def _posterior_mm(ct: CTVolume, box, factors, shape) -> np.ndarray:
+    """Position (mm) along the gravity axis (LPS posterior) of each working-grid voxel,
     as a broadcastable array (three 1-D ramps, no full coordinate grid)."""
     step = (ct.direction @ np.diag(ct.spacing)).T @ LPS_POSTERIOR  # per i, j, k
-    k = np.arange(box[0].start, box[0].stop, dtype=np.float32)[:, None, None] * step[2]
-    j = np.arange(box[1].start, box[1].stop, dtype=np.float32)[None, :, None] * step[1]
-    i = np.arange(box[2].start, box[2].stop, dtype=np.float32)[None, None, :] * step[0]
-    return k + j + i
+    ramps = []
+    for axis, (sl, f, n) in enumerate(zip(box, factors, shape)):
+        centre = sl.start + f * np.arange(n, dtype=np.float32) + (f - 1) / 2.0
+        view = [1, 1, 1]
+        view[axis] = n
+        ramps.append((centre * step[2 - axis]).reshape(view))
+    return ramps[0] + ramps[1] + ramps[2]
 
 
-def _abnormal_threshold(ct: CTVolume, box, smooth: np.ndarray, lung: np.ndarray) -> np.ndarray:
+def _abnormal_threshold(ct: CTVolume, box, factors, smooth: np.ndarray, lung: np.ndarray) -> np.ndarray:
     """Per-voxel HU threshold: max(-750, parenchyma level of the voxel's gravity band + 150).
 
     Returns a float32 array broadcastable to ``smooth`` (one value per band, mapped back).
     """
-    post = _posterior_mm(ct, box)
+    post = _posterior_mm(ct, box, factors, smooth.shape)
     band = np.floor((np.broadcast_to(post, smooth.shape) - float(post.min())) / BAND_MM).astype(np.int32)
     n_bands = int(band.max()) + 1
     values = smooth[lung]
@@ -207,46 +220,56 @@ def _radius_vox(radius_mm: float, spacing_zyx) -> list:
     return [int(max(0, round(radius_mm / s))) for s in reversed(spacing_zyx)]
 
 
-def _large_vessels(smooth: np.ndarray, lung: np.ndarray, spacing_zyx, report: Progress) -> np.ndarray:
-    """Bright line-like structures (Hessian objectness) plus their partial-volume halo."""
-    shrink = [max(1, int(round(1.5 / spacing_zyx[2]))), max(1, int(round(1.5 / spacing_zyx[1]))), 1]
-    img = _image(np.where(lung, smooth, -900.0), spacing_zyx)
-    small = sitk.BinShrink(img, shrink)
-    best = None
-    for n, s in enumerate(VESSEL_SCALES_MM):
-        report(0.35 + 0.35 * n / len(VESSEL_SCALES_MM), f"Lesions: vessels at {s} mm")
-        # Scaling the image by s^2 gives the scale-normalised Hessian (Lindeberg), so one
-        # structureness constant (gamma, in HU) works at every scale.
-        g = sitk.SmoothingRecursiveGaussian(small, s) * (s * s)
-        obj = sitk.ObjectnessMeasure(g, alpha=0.5, beta=0.5, gamma=150.0, scaleObjectnessMeasure=False, objectDimension=1, brightObject=True)
-        arr = sitk.GetArrayFromImage(obj)
-        dense = sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(small, s)) > VESSEL_MIN_HU
-        hit = (arr > VESSEL_OBJECTNESS) & dense
-        best = hit if best is None else (best | hit)
-    up = _upsample_nearest(best, shrink, smooth.shape) & lung
-    # The vessel's full width and halo: dilate the centre lines by the scale reached,
-    # limited to voxels denser than aerated lung.
-    radius = _radius_vox(max(VESSEL_SCALES_MM) / 2.0 + VESSEL_HALO_MM, spacing_zyx)
-    grown = sitk.GetArrayFromImage(sitk.BinaryDilate(sitk.GetImageFromArray(up.astype(np.uint8)), radius, sitk.sitkBall)).astype(bool)
-    return grown & lung & (smooth > GGO_FLOOR_HU)
+def _thin_bright(smooth: np.ndarray, lung: np.ndarray, spacing_zyx) -> np.ndarray:
+    """Vessels and airway walls: bright (>= -300 HU) structures thinner than consolidation,
+    plus their partial-volume halo.
+
+    Bright lung voxels are vessel, bronchial wall or consolidation. Consolidation worth
+    reporting is at least ``2 * VESSEL_MAX_RADIUS_MM`` thick; what an opening of
+    that radius removes from the bright voxels is vessel or wall. Their halo (blur of
+    the bright core into the surrounding air) reaches ground-glass HU and is removed too.
+    """
+    bright = lung & (smooth >= CONSOLIDATION_HU)
+    if not bright.any():
+        return bright
+    thick = _opening(bright, spacing_zyx, VESSEL_MAX_RADIUS_MM)
+    thin = bright & ~thick
+    halo = sitk.BinaryDilate(sitk.GetImageFromArray(thin.astype(np.uint8)), _radius_vox(VESSEL_HALO_MM, spacing_zyx), sitk.sitkBall)
+    return (sitk.GetArrayFromImage(halo).astype(bool) | thin) & lung & ~thick
 
 
-def _upsample_nearest(a: np.ndarray, shrink_xyz, shape) -> np.ndarray:
-    fz, fy, fx = shrink_xyz[2], shrink_xyz[1], shrink_xyz[0]
-    up = np.repeat(np.repeat(np.repeat(a, fz, 0), fy, 1), fx, 2)[: shape[0], : shape[1], : shape[2]]
-    pads = [(0, max(0, n - m)) for n, m in zip(shape, up.shape)]
-    return np.pad(up, pads, mode="edge") if any(p[1] for p in pads) else up
+def _shrink(array: np.ndarray, factors) -> np.ndarray:
+    """Block mean onto the working grid (edge-padded to whole blocks)."""
+    arr = np.asarray(array, dtype=np.float32)
+    if all(f == 1 for f in factors):
+        return arr
+    pads = [(0, (-n) % f) for n, f in zip(arr.shape, factors)]
+    if any(p[1] for p in pads):
+        arr = np.pad(arr, pads, mode="edge")
+    out = sitk.BinShrink(sitk.GetImageFromArray(arr), [int(f) for f in reversed(factors)])
+    return sitk.GetArrayFromImage(out)
 
 
-def _masked_opening(mask: np.ndarray, lung: np.ndarray, spacing_zyx, radius_mm: float) -> np.ndarray:
-    """Binary opening that does not erode from the pleura: outside the lung counts as
-    foreground for the erosion, so a subpleural lesion is eroded only from its lung side.
-    A partial-volume sheet along the diaphragm or chest wall is still removed, from the
-    aerated lung next to it."""
+def _upsample_nearest(a: np.ndarray, factors, shape) -> np.ndarray:
+    """Nearest-neighbour expansion back to the full grid (inverse of :func:`_shrink`)."""
+    up = a
+    for axis, f in enumerate(factors):
+        if f > 1:
+            up = np.repeat(up, f, axis=axis)
+    return up[: shape[0], : shape[1], : shape[2]]
+
+
+def _opening(mask: np.ndarray, spacing_zyx, radius_mm: float) -> np.ndarray:
+    """Binary opening by a ball of ``radius_mm`` (anisotropy-aware radius in voxels).
+
+    The lung outside counts as background, on purpose: the partial-volume band where the
+    diaphragm dome or the chest wall cuts a slice is thin normal to the pleura and must
+    go, while a real subpleural lesion thicker than the ball survives the erosion from
+    the pleural side and is restored by the dilation.
+    """
     radius = _radius_vox(radius_mm, spacing_zyx)
-    img = sitk.GetImageFromArray((mask | ~lung).astype(np.uint8))
-    eroded = sitk.GetArrayFromImage(sitk.BinaryErode(img, radius, sitk.sitkBall)).astype(bool) & mask
-    opened = sitk.GetArrayFromImage(sitk.BinaryDilate(sitk.GetImageFromArray(eroded.astype(np.uint8)), radius, sitk.sitkBall))
+    eroded = sitk.BinaryErode(sitk.GetImageFromArray(mask.astype(np.uint8)), radius, sitk.sitkBall)
+    opened = sitk.GetArrayFromImage(sitk.BinaryDilate(eroded, radius, sitk.sitkBall))
     return opened.astype(bool) & mask
 
 
@@ -255,6 +278,13 @@ def _closing_within(mask: np.ndarray, lung: np.ndarray, spacing_zyx, radius_mm: 
     img = sitk.GetImageFromArray(mask.astype(np.uint8))
     closed = sitk.GetArrayFromImage(sitk.BinaryMorphologicalClosing(img, radius, sitk.sitkBall)).astype(bool)
     return (closed & lung) | mask
+
+
+def _fill_holes_2d(mask: np.ndarray) -> np.ndarray:
+    """Fill holes in every axial slice: vessels crossing a lesion belong to it."""
+    structure = np.zeros((3, 3, 3), bool)
+    structure[1] = ndi.generate_binary_structure(2, 1)
+    return ndi.binary_fill_holes(mask, structure=structure)
 
 
 def _drop_small(mask: np.ndarray, spacing_zyx, min_ml: float) -> np.ndarray:
