@@ -48,8 +48,8 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- parameters
 #: Working grid voxel size targets (mm). In-plane ~1.7 mm keeps the pleura within half a
 #: full-resolution voxel after interpolation; z is only shrunk for thin slices.
-COARSE_INPLANE_MM = 1.6
-COARSE_Z_MM = 2.0
+COARSE_INPLANE_MM = 2.5
+COARSE_Z_MM = 2.5
 #: Tissue vs air threshold for the body (HU): fat is ~ -100, skin-air partial volume ~ -500.
 BODY_HU = -500.0
 #: Aerated lung threshold (HU) on the coarse (block-averaged) image. Healthy parenchyma is
@@ -149,7 +149,9 @@ def segment_lungs(
     report(0.85, "Lung masking: full resolution")
     right, left = _paste_lungs(labels, hu.shape, grid)
     airways_full = _paste_nearest(airways, hu.shape, grid.factors) & ~(right | left)
-    body_full = _paste_nearest(body, hu.shape, grid.factors) | right | left
+    body_full = _paste_nearest(body, hu.shape, grid.factors)
+    body_full |= right
+    body_full |= left
     masks = LungMasks(
         right=frame.from_canonical(right),
         left=frame.from_canonical(left),
@@ -212,12 +214,10 @@ def _shrink(hu: np.ndarray, factors) -> np.ndarray:
     covers the whole volume.
     """
     pads = [(0, (-n) % f) for n, f in zip(hu.shape, factors)]
-    arr = hu.astype(np.float32)
-    if any(p[1] for p in pads):
-        arr = np.pad(arr, pads, mode="edge")
-    img = sitk.GetImageFromArray(arr)
+    arr = np.pad(hu, pads, mode="edge") if any(p[1] for p in pads) else np.ascontiguousarray(hu)
+    img = sitk.GetImageFromArray(arr)  # stays in the input type: no full-size float copy
     out = sitk.BinShrink(img, [int(factors[2]), int(factors[1]), int(factors[0])])
-    return sitk.GetArrayFromImage(out)
+    return sitk.GetArrayFromImage(out).astype(np.float32)
 
 
 def _ball(radius_mm: float, spacing_zyx) -> Tuple[int, int, int]:
@@ -523,16 +523,16 @@ def _paste_lungs(labels: np.ndarray, shape, grid: _Grid) -> Tuple[np.ndarray, np
             idx = np.nonzero(m)
             lo = np.maximum(np.array([i.min() for i in idx]) - 1, 0)
             hi = np.minimum(np.array([i.max() for i in idx]) + 2, np.array(m.shape))
-            sub = m[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]].astype(np.float32)
-            img = sitk.GetImageFromArray(sub)
+            sub = m[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]].astype(np.uint8) * 200
+            img = sitk.GetImageFromArray(sub)  # uint8 keeps the full-size output small
             img.SetSpacing([float(v) for v in f[::-1]])
             img.SetOrigin([float(v) for v in (lo * f + (f - 1) / 2.0)[::-1]])
             flo = lo * f
             fhi = np.minimum(hi * f, np.array(shape))
-            ref = sitk.Image([int(v) for v in (fhi - flo)[::-1]], sitk.sitkFloat32)
+            ref = sitk.Image([int(v) for v in (fhi - flo)[::-1]], sitk.sitkUInt8)
             ref.SetOrigin([float(v) for v in flo[::-1]])
             res = sitk.Resample(img, ref, sitk.Transform(), sitk.sitkLinear, 0.0)
-            full[flo[0]:fhi[0], flo[1]:fhi[1], flo[2]:fhi[2]] = sitk.GetArrayViewFromImage(res) > 0.5
+            full[flo[0]:fhi[0], flo[1]:fhi[1], flo[2]:fhi[2]] = sitk.GetArrayViewFromImage(res) > 100
         out.append(full)
     return out[0], out[1]
 

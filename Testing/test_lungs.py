@@ -162,7 +162,8 @@ def test_partial_coverage_lower_half():
 
 # --------------------------------------------------------------------------- bad inputs
 def test_abdomen_only_raises():
-    p = phantom(kind="normal", seed=8)
+    # a tall grid (490 mm) so the phantom's upper abdomen below the lungs is in view
+    p = phantom(kind="normal", shape=(140, 160, 160), spacing=(2.2, 2.2, 3.5), seed=8)
     zs = np.nonzero(p.lungs.any(axis=(1, 2)))[0]
     below = p.ct.array[: zs.min()]
     assert below.shape[0] * p.ct.spacing[2] >= 15, "phantom must extend below the lungs"
