@@ -542,4 +542,4 @@ def _paste_nearest(mask: np.ndarray, shape, factors) -> np.ndarray:
     fz, fy, fx = factors
     nz, ny, nx = mask.shape
     big = np.broadcast_to(mask[:, None, :, None, :, None], (nz, fz, ny, fy, nx, fx)).reshape(nz * fz, ny * fy, nx * fx)
-    return np.ascontiguousarray(big[: shape[0], : shape[1], : shape[2]])
+    return np.array(big[: shape[0], : shape[1], : shape[2]], dtype=bool, order="C")  # writable
