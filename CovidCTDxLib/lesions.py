@@ -66,6 +66,10 @@ CONSOLIDATION_HU = -300.0
 #: ~150-250 HU above normal lung; the dependent gradient and low-dose noise after the
 #: 1 mm smoothing stay well below.
 GGO_CONTRAST_HU = 100.0
+#: Lesion margin (hysteresis): within this distance (mm) of a detected lesion, voxels this
+#: far above aerated lung (HU) are its fading edge (ground glass fades over a few mm).
+MARGIN_MM = 3.0
+MARGIN_CONTRAST_HU = 50.0
 #: Band width (mm) along the gravity axis for the parenchyma level.
 BAND_MM = 10.0
 #: Percentile of sub -500 HU lung voxels that estimates aerated parenchyma per band.
@@ -118,14 +122,20 @@ def detect_lesions(ct: CTVolume, lungs: LungMasks, progress: Optional[Progress] 
     smooth = sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(_image(hu, spacing), SMOOTHING_MM))
     del hu
     report(0.2, "Lesions: parenchyma level")
-    threshold = _abnormal_threshold(ct, box, factors, smooth, lung)
-    candidate = lung & (smooth > threshold)
-    del threshold
+    level = _parenchyma_level(ct, box, factors, smooth, lung)
+    candidate = lung & (smooth > np.maximum(GGO_FLOOR_HU, level + GGO_CONTRAST_HU))
     report(0.35, "Lesions: vessels")
-    candidate &= ~_thin_bright(smooth, lung, spacing)
+    vessels = _thin_bright(smooth, lung, spacing)
+    candidate &= ~vessels
+    # Hysteresis for the fading margin of ground glass: voxels next to a lesion (within
+    # MARGIN_MM) that are MARGIN_CONTRAST_HU above aerated lung belong to it.
+    margin = lung & ~vessels & (smooth > level + MARGIN_CONTRAST_HU)
+    del level, vessels
     report(0.75, "Lesions: size filter")
     core = _opening(candidate, spacing, OPENING_RADIUS_MM)
     core = _closing_within(core, lung, spacing, CLOSING_RADIUS_MM)
+    grown = sitk.BinaryDilate(sitk.GetImageFromArray(core.astype(np.uint8)), _radius_vox(MARGIN_MM, spacing), sitk.sitkBall)
+    core |= sitk.GetArrayFromImage(grown).astype(bool) & margin
     core = _fill_holes_2d(core) & lung
     core = _drop_small(core, spacing, MIN_LESION_ML)
     lesion[box] = _upsample_nearest(core, factors, lesion[box].shape) & lung_full[box]
@@ -187,10 +197,10 @@ def _posterior_mm(ct: CTVolume, box, factors, shape) -> np.ndarray:
     return ramps[0] + ramps[1] + ramps[2]
 
 
-def _abnormal_threshold(ct: CTVolume, box, factors, smooth: np.ndarray, lung: np.ndarray) -> np.ndarray:
-    """Per-voxel HU threshold: max(-750, parenchyma level of the voxel's gravity band + 150).
+def _parenchyma_level(ct: CTVolume, box, factors, smooth: np.ndarray, lung: np.ndarray) -> np.ndarray:
+    """Aerated-parenchyma HU of each voxel's 10 mm band along the gravity axis.
 
-    Returns a float32 array broadcastable to ``smooth`` (one value per band, mapped back).
+    Returns a float32 array shaped like ``smooth`` (one value per band, mapped back).
     """
     post = _posterior_mm(ct, box, factors, smooth.shape)
     band = np.floor((np.broadcast_to(post, smooth.shape) - float(post.min())) / BAND_MM).astype(np.int32)
@@ -212,7 +222,7 @@ def _abnormal_threshold(ct: CTVolume, box, factors, smooth: np.ndarray, lung: np
     if n_bands >= 3:
         level = np.convolve(np.pad(level, 1, mode="edge"), np.ones(3) / 3.0, mode="valid").astype(np.float32)
     log.debug("parenchyma level per %.0f mm band: %s", BAND_MM, np.round(level).tolist())
-    return np.maximum(GGO_FLOOR_HU, level + GGO_CONTRAST_HU)[band]
+    return level[band]
 
 
 def _radius_vox(radius_mm: float, spacing_zyx) -> list:
