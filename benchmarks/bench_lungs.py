@@ -88,7 +88,7 @@ def main() -> None:
     n = SHAPE[0] if args.full else min(args.unet_slices, SHAPE[0])
 
     eng = measure(run_engine, ct, right, left)
-    rows = [["classical engine", eng["wall_s"], "measured", eng["peak_rss_gb"], eng["extra"]["dice_right"], eng["extra"]["dice_left"]]]
+    rows = [["classical engine", eng["wall_s"], "measured", eng["peak_rss_gb"], f"{eng['extra']['dice_right']:.4f}", f"{eng['extra']['dice_left']:.4f}"]]
     for wf, name in ((6, "U-Net R231 size (wf 6)"), (4, "U-Net light (wf 4)")):
         res = measure(run_unet, ct, n, wf)
         scale = SHAPE[0] / n
