@@ -55,6 +55,7 @@ __all__ = [
     "severity_from_lvr",
     "SEVERITY_LVR_PERCENT",
     "KIND_LABELS",
+    "LOBE_NAMES",
     "LESION_TYPE_NAMES",
     "NONE",
     "GGO",
@@ -108,6 +109,7 @@ class Phantom:
     lvr_percent: float
     kind: str = "normal"
     seed: int = 0
+    lobes: Optional[np.ndarray] = None  # uint8: 0 outside the lungs, 1..5 = LOBE_NAMES order
     timings_s: Dict[str, float] = field(default_factory=dict)
 
     @property
@@ -141,6 +143,11 @@ CAVITY_YC, CAVITY_HALF_Y, CAVITY_HALF_X = -5.0, 82.0, 128.0
 RIB_THICK = 0.085  # of the cavity radius
 LUNG_APEX_Z, LUNG_BASE_Z = 152.0, -160.0
 MED_XC = 5.0
+#: Fissures: oblique z = a + b * y (mm) per lung, right horizontal fissure height.
+OBLIQUE_R, OBLIQUE_L, HORIZONTAL_FISSURE_Z = (-45.0, 1.1), (-35.0, 1.1), 5.0
+OBLIQUE_LATERAL = 0.35
+_FISSURE_HU = -150.0
+LOBE_NAMES = ("right_upper", "right_middle", "right_lower", "left_upper", "left_lower")
 APEX_C, APEX_R, APEX_H = (75.0, 0.0), (70.0, 90.0), 72.0
 _MED_Y = np.array([-100.0, -62.0, -40.0, 0.0, 40.0, 100.0])
 _MED_HALF = np.array([2.0, 3.0, 18.0, 28.0, 26.0, 22.0])
@@ -380,7 +387,7 @@ _SOFT = [MEDIASTINUM, LUNG_R, LUNG_L, ABDOMEN, MUSCLE]
 
 # --------------------------------------------------------------------------- vessels
 def _grow_trees(rng: np.random.Generator, roots, max_segments: int):
-    """Bronchovascular trees: segments (a, b, r) that branch and thin towards the pleura.
+    """Bronchovascular trees: segments (a, b, r, is_artery) branching and thinning outwards.
 
     Grown generation by generation for all trees at once so the inside-the-lung tests are
     vectorised. Each segment is 5-8 radii long; a branch point gives a major child
@@ -392,7 +399,8 @@ def _grow_trees(rng: np.random.Generator, roots, max_segments: int):
     D /= np.linalg.norm(D, axis=1, keepdims=True)
     R = np.array([r[2] for r in roots], float)
     S = np.array([r[3] for r in roots], np.uint8)
-    segments: List[Tuple[np.ndarray, np.ndarray, float]] = []
+    A = np.array([r[4] for r in roots], bool)
+    segments: List[Tuple[np.ndarray, np.ndarray, float, bool]] = []
     while len(P) and len(segments) < max_segments:
         length = np.maximum(3.0, R * rng.uniform(5.0, 8.0, len(R)))
         ok = np.zeros(len(P), bool)
@@ -407,10 +415,10 @@ def _grow_trees(rng: np.random.Generator, roots, max_segments: int):
             D[bad] += rng.normal(0.0, 0.6, (int(bad.sum()), 3))
             D[bad] /= np.linalg.norm(D[bad], axis=1, keepdims=True)
             length[bad] *= 0.7
-        P, Q, D, R, S = P[ok], Q[ok], D[ok], R[ok], S[ok]
-        segments.extend(zip(P, Q, R))
-        grow = R >= 0.55
-        P, Q, D, R, S = P[grow], Q[grow], D[grow], R[grow], S[grow]
+        P, Q, D, R, S, A = P[ok], Q[ok], D[ok], R[ok], S[ok], A[ok]
+        segments.extend(zip(P, Q, R, A))
+        grow = R >= 0.45
+        P, Q, D, R, S, A = P[grow], Q[grow], D[grow], R[grow], S[grow], A[grow]
         n = len(P)
         perp = np.cross(D, rng.standard_normal((n, 3)))
         perp /= np.linalg.norm(perp, axis=1, keepdims=True) + 1e-9
@@ -422,10 +430,33 @@ def _grow_trees(rng: np.random.Generator, roots, max_segments: int):
         D = np.concatenate([D1, D2])
         R = np.concatenate([R * rng.uniform(0.78, 0.9, n), R * rng.uniform(0.5, 0.7, n)])
         S = np.concatenate([S, S])
+        A = np.concatenate([A, A])
     return segments[:max_segments]
 
 
-def _vessel_segments(rng: np.random.Generator, max_segments: int = 4000):
+def _bronchi(segments) -> List[Tuple[np.ndarray, np.ndarray, float, float]]:
+    """Bronchi running beside the arteries (bronchovascular bundles): (a, b, lumen r, outer r).
+
+    The bronchus has about the artery's calibre and sits against it, on the side given by
+    a fixed reference direction so consecutive segments line up. Only bronchi with a
+    lumen >= 0.8 mm are drawn (smaller ones are invisible on CT).
+    """
+    out = []
+    for a, b, r, artery in segments:
+        if not artery or r < 1.1:
+            continue
+        d = (b - a) / (np.linalg.norm(b - a) + 1e-9)
+        k = np.array([0.0, 0.0, 1.0]) if abs(d[2]) < 0.85 else np.array([0.0, 1.0, 0.0])
+        e = k - k.dot(d) * d
+        e /= np.linalg.norm(e) + 1e-9
+        lumen = 0.75 * r
+        outer = lumen + max(0.5, 0.2 * r)
+        off = (r + outer + 0.2) * e
+        out.append((a + off, b + off, lumen, outer))
+    return out
+
+
+def _vessel_segments(rng: np.random.Generator, max_segments: int = 9000):
     """Pulmonary artery and vein trees of both lungs (independent of the grid)."""
     roots = []
     for name, side in (("right", 1), ("left", 2)):
@@ -434,26 +465,35 @@ def _vessel_segments(rng: np.random.Generator, max_segments: int = 4000):
         vein = np.array([40.0 * sx, 4.0, -28.0])
         for d in ((0.4 * sx, 0.0, 1.0), (1.0 * sx, -0.3, 0.2), (0.6 * sx, -1.0, -0.4), (0.3 * sx, 0.6, -1.0),
                   (0.8 * sx, 0.2, -0.8)):
-            roots.append((art, d, 4.5, side))
+            roots.append((art, d, 4.5, side, True))
         for d in ((0.5 * sx, -0.5, 0.9), (1.0 * sx, 0.1, -0.3), (0.5 * sx, 0.5, -1.0), (0.7 * sx, -0.6, -0.6)):
-            roots.append((vein, d, 4.0, side))
+            roots.append((vein, d, 4.0, side, False))
     return _grow_trees(rng, roots, max_segments)
 
 
-def _vessel_fraction(grid: _Canonical, segments) -> np.ndarray:
-    """uint8 0..255 partial-volume vessel fraction (soft edges over one voxel)."""
-    frac = np.zeros(grid.shape, dtype=np.uint8)
+def _tube_fractions(grid: _Canonical, vessels, bronchi) -> Tuple[np.ndarray, np.ndarray]:
+    """Partial-volume fractions (uint8 0..255, soft edges over one voxel) of soft tissue
+    (vessels, bronchi out to their outer wall) and of air (bronchial lumen)."""
+    soft = np.zeros(grid.shape, dtype=np.uint8)
+    air = np.zeros(grid.shape, dtype=np.uint8)
     h = float(np.prod(grid.spacing) ** (1.0 / 3.0))
-    for a, b, r in segments:
-        reach = r + 0.5 * h
+    tubes = [(a, b, r, None) for a, b, r, _art in vessels] + [(a, b, outer, lumen) for a, b, lumen, outer in bronchi]
+    for a, b, r_soft, r_air in tubes:
+        reach = r_soft + 0.5 * h
         box = grid.index_box(np.minimum(a, b) - reach, np.maximum(a, b) + reach)
         if box is None:
             continue
         d = _segment_distance(grid.x[box[2]][None, None, :], grid.y[box[1]][None, :, None],
                               grid.z[box[0]][:, None, None], a, b)
-        v = np.clip((0.5 + (r - d) / h) * 255.0, 0.0, 255.0).astype(np.uint8)
-        np.maximum(frac[box], v, out=frac[box])
-    return frac
+        d *= np.float32(-1.0 / h)  # fraction = 0.5 + (radius - distance) / h
+        np.maximum(soft[box], _to_u8(d + np.float32(0.5 + r_soft / h)), out=soft[box])
+        if r_air is not None:
+            np.maximum(air[box], _to_u8(d + np.float32(0.5 + r_air / h)), out=air[box])
+    return soft, air
+
+
+def _to_u8(frac: np.ndarray) -> np.ndarray:
+    return np.clip(frac * 255.0, 0.0, 255.0).astype(np.uint8)
 
 
 # --------------------------------------------------------------------------- noise / PSF
@@ -638,7 +678,7 @@ def make_phantom(
     shape_c = tuple(-(-(n - 1) // fa) + 1 for n, fa in zip(cshape, f))
     tex_c = 12.0 * smooth_noise(rng, shape_c, (1.0, 1.0, 1.0))
     tex_c += (0.25 * (grid.y[0] + np.arange(shape_c[1]) * f[1] * cspacing[1]))[None, :, None].astype(np.float32)
-    vfrac = _vessel_fraction(grid, segments)
+    soft, air = _tube_fractions(grid, segments, _bronchi(segments))
     clock("vessels")
 
     anatomy = _Anatomy(grid)
@@ -665,6 +705,8 @@ def make_phantom(
     clock("lesion planning")
     lesion = np.zeros(cshape, dtype=bool)
     lesion_type = np.zeros(cshape, dtype=np.uint8)
+    lobes = np.zeros(cshape, dtype=np.uint8)
+    h_pv = float(np.prod(cspacing) ** (1.0 / 3.0))
     scanner = _Scanner(np.empty(cshape, dtype=np.int16), cspacing, noise_hu, rng)
     step = max(2, 2_000_000 // (ny * nx))
     for k0 in range(0, nz, step):
@@ -675,21 +717,25 @@ def make_phantom(
         lung = right[box] | left[box]
         tex = upsample_linear(tex_c, f, box)
         np.add(hb, tex, out=hb, where=lung)
-        v = vfrac[box]
-        vl = lung & (v > 0)
-        wv = v[vl].astype(np.float32) * np.float32(1.0 / 255.0)
-        hb[vl] += wv * (_HU[BLOOD] - hb[vl])
+        lobes[box], fissure = _lobes(grid.z[k0:k1][:, None, None], grid.y[yx[0]][None, :, None],
+                                     grid.x[yx[1]][None, None, :], right[box], left[box], h_pv)
+        _blend(hb, _FISSURE_HU, fissure, lung)
+        _blend(hb, _HU[BLOOD], soft[box], lung, 1.0 / 255.0)
+        a = air[box]
+        _blend(hb, _HU[AIR], a, lung, 1.0 / 255.0)
         if grower is not None:
-            lesion[k0:k1], lesion_type[k0:k1] = grower.apply(k0, k1, h)
+            air_full = np.zeros(h.shape, dtype=bool)
+            air_full[(slice(None),) + yx] = a > 128
+            lesion[k0:k1], lesion_type[k0:k1] = grower.apply(k0, k1, h, air=air_full)
         clock("tissue + lesion HU")
         scanner.push(h)
         clock("noise + PSF")
     ct_array = scanner.finish()
     clock("noise + PSF")
-    del labels, vfrac
+    del labels, soft, air
     achieved = 100.0 * int(np.count_nonzero(lesion)) / grower.n_lung if grower is not None else 0.0
 
-    arrays = [ct_array, right, left, airways, body, lesion, lesion_type]
+    arrays = [ct_array, right, left, airways, body, lesion, lesion_type, lobes]
     if perm is None:
         ct = CTVolume(ct_array, spacing, grid.origin, np.eye(3))
     else:
@@ -701,7 +747,7 @@ def make_phantom(
     clock("output")
     log.debug("phantom timings: %s", clock.laps)
     return Phantom(ct, arrays[1], arrays[2], arrays[3], arrays[4], arrays[5], arrays[6], KIND_LABELS[kind],
-                   sev, achieved, kind, seed, clock.laps)
+                   sev, achieved, kind, seed, arrays[7], clock.laps)
 
 
 class _Clock:
@@ -715,6 +761,40 @@ class _Clock:
         now = time.perf_counter()
         self.laps[name] = self.laps.get(name, 0.0) + now - self._t
         self._t = now
+
+
+def _lobes(z: np.ndarray, y: np.ndarray, x: np.ndarray, right: np.ndarray, left: np.ndarray, h: float
+           ) -> Tuple[np.ndarray, np.ndarray]:
+    """Lobe labels (LOBE_NAMES order, 1-based) and the fissures' partial-volume fraction.
+
+    Oblique fissures run from posterior-superior to anterior-inferior (z = a + b*y, y
+    posterior), rising laterally so they cross axial slices obliquely; the right horizontal fissure splits the upper from the middle lobe at the
+    level of the hilum. Fissures are ~1 mm thick pleural lines.
+    """
+    lateral = OBLIQUE_LATERAL * (np.abs(x - MED_XC) - 60.0)
+    obl_r = z - (OBLIQUE_R[0] + OBLIQUE_R[1] * y + lateral)
+    obl_l = z - (OBLIQUE_L[0] + OBLIQUE_L[1] * y + lateral)
+    norm = np.float32(1.0 / np.sqrt(1.0 + OBLIQUE_R[1] ** 2 + OBLIQUE_LATERAL ** 2))
+    lobes = np.zeros(right.shape, dtype=np.uint8)
+    upper_r = right & (obl_r >= 0)
+    lobes[right] = 3
+    lobes[upper_r] = 1
+    lobes[upper_r & (z < HORIZONTAL_FISSURE_Z)] = 2
+    lobes[left] = 5
+    lobes[left & (obl_l >= 0)] = 4
+    dist = np.where(right, np.abs(obl_r) * norm, np.abs(obl_l) * norm)
+    dist = np.where(upper_r, np.minimum(dist, np.abs(z - HORIZONTAL_FISSURE_Z)), dist)
+    frac = np.clip(0.5 + (0.35 - dist) / h, 0.0, 1.0).astype(np.float32)
+    return lobes, frac
+
+
+def _blend(h: np.ndarray, target: float, frac: np.ndarray, where: np.ndarray, scale: float = 1.0) -> None:
+    """h += frac * scale * (target - h) where ``where`` (partial-volume mixing, in place)."""
+    t = np.subtract(np.float32(target), h, dtype=np.float32)
+    t *= frac
+    if scale != 1.0:
+        t *= np.float32(scale)
+    np.add(h, t, out=h, where=where)
 
 
 def _any_plane(right: np.ndarray, left: np.ndarray) -> np.ndarray:
