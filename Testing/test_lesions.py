@@ -1,0 +1,127 @@
+"""Density lesion engine on phantoms with ground truth and on the two real CTs."""
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+from scipy.stats import rankdata
+
+from CovidCTDxLib.lesions import CONSOLIDATION_HU, detect_lesions, split_lesion_types
+from CovidCTDxLib.phantom import insert_lesions, make_phantom
+from CovidCTDxLib.result import LungMasks
+
+
+def _lungs(right, left):
+    z = np.zeros_like(right)
+    return LungMasks(right, left, z, z)
+
+
+def _lvr(mask, lung):
+    return 100.0 * np.count_nonzero(mask & lung) / np.count_nonzero(lung)
+
+
+@pytest.mark.parametrize("kind,severity,seed", [("covid", "mild", 1), ("covid", "moderate", 2), ("cap", "moderate", 2)])
+def test_phantom_lvr_within_15_percent(kind, severity, seed):
+    p = make_phantom(kind, severity=severity, seed=seed)
+    assert p.lvr_percent >= 2.0
+    les = detect_lesions(p.ct, _lungs(p.right_lung, p.left_lung))
+    lvr = _lvr(les.lesion, p.right_lung | p.left_lung)
+    assert abs(lvr / p.lvr_percent - 1.0) <= 0.15, (lvr, p.lvr_percent)
+    # the engine's lesions are where the phantom's are
+    overlap = np.count_nonzero(les.lesion & p.lesion) / np.count_nonzero(les.lesion)
+    assert overlap > 0.8
+
+
+def test_normal_phantom_scores_near_zero():
+    p = make_phantom("normal", seed=0)
+    les = detect_lesions(p.ct, _lungs(p.right_lung, p.left_lung))
+    assert _lvr(les.lesion, p.right_lung | p.left_lung) < 0.2
+
+
+def test_split_types_partition_any_mask():
+    p = make_phantom("cap", severity="moderate", seed=3)
+    ggo, cons = split_lesion_types(p.ct, p.lesion)
+    assert not (ggo & cons).any()
+    assert np.array_equal(ggo | cons, p.lesion)
+    # phantom consolidation (type 3) is mostly typed consolidation, ground glass (1) mostly ggo
+    assert np.mean(cons[p.lesion_type == 3]) > 0.8
+    assert np.mean(ggo[p.lesion_type == 1]) > 0.8
+    assert np.median(p.ct.array[cons]) >= CONSOLIDATION_HU
+
+
+# ----------------------------------------------------------------- real CT A0001
+@pytest.fixture(scope="module")
+def a0001(a0001_nii, a0001_reference):
+    from CovidCTDxLib.io import read_ct
+
+    ct = read_ct(a0001_nii)
+    ref = read_ct.__globals__["sitk"].GetArrayFromImage(read_ct.__globals__["sitk"].ReadImage(str(a0001_reference)))
+    return ct, ref == 1, ref == 2
+
+
+def _tumour_mask(shape, csv_path):
+    m = np.zeros(shape, bool)
+    with open(csv_path) as f:
+        for row in csv.reader(f):
+            if not row or not row[1].isdigit():
+                continue
+            k, x0, y0, x1, y1 = int(row[1]), int(row[3]), int(row[4]), int(row[5]), int(row[6])
+            m[k, y0:y1 + 1, x0:x1 + 1] = True
+    return m
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=False, reason="known gap: dependent/basal density and apical partial volume on this 5 mm "
+                   "scan give ~3 % LVR in the tumour-free right lung and peritumoural opacity in the left")
+def test_a0001_small_lvr_apart_from_tumour(a0001, a0001_nii):
+    ct, right, left = a0001
+    les = detect_lesions(ct, _lungs(right, left))
+    tumour = _tumour_mask(ct.shape, a0001_nii.parent / "tumour_boxes.csv")
+    lung = right | left
+    outside = _lvr(les.lesion & ~tumour, lung)
+    assert outside < 1.0, outside
+    # the tumour itself is found
+    assert np.count_nonzero(les.lesion & tumour) > 0.3 * np.count_nonzero(tumour & lung & (ct.array > -300))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["covid", "cap"])
+def test_a0001_inserted_lesions_recovered(a0001, kind):
+    ct, right, left = a0001
+    base = detect_lesions(ct, _lungs(right, left)).lesion
+    ins = insert_lesions(ct, right, left, kind, 8.0, seed=4)
+    les = detect_lesions(ins.ct, _lungs(right, left)).lesion
+    lung = right | left
+    # what the engine adds over the untouched scan is the inserted lesion volume
+    added = _lvr(les & ~base, lung)
+    assert abs(added / ins.lvr_percent - 1.0) <= 0.2, (added, ins.lvr_percent)
+
+
+# ----------------------------------------------------------------- real COVID-19 scan
+def _auc(score, label):
+    r = rankdata(score)
+    pos = label.astype(bool)
+    n1, n0 = pos.sum(), (~pos).sum()
+    return (r[pos].sum() - n1 * (n1 + 1) / 2) / (n1 * n0)
+
+
+@pytest.mark.slow
+def test_covid_scan_slice_auc(covid_dicom_dir, covid_infected_csv):
+    from CovidCTDxLib.io import read_ct
+    from CovidCTDxLib.lungs import segment_lungs
+
+    ct = read_ct(covid_dicom_dir)
+    lungs = segment_lungs(ct)
+    les = detect_lesions(ct, lungs).lesion
+    with open(covid_infected_csv) as f:
+        labels = np.array([int(r["infected"]) for r in csv.DictReader(f)])
+    lung = lungs.lungs
+    per_lung = lung.sum((1, 2))
+    has = per_lung > 0
+    share = les.sum((1, 2)) / np.maximum(per_lung, 1)
+    plain = (lung & (ct.array > -750) & (ct.array < -300)).sum((1, 2)) / np.maximum(per_lung, 1)
+    auc, auc_plain = _auc(share[has], labels[has]), _auc(plain[has], labels[has])
+    print(f"slice AUC engine {auc:.3f}, plain -750..-300 HU threshold {auc_plain:.3f}")
+    assert auc >= 0.85
+    assert auc > auc_plain

@@ -1,0 +1,83 @@
+"""Findings recompute speed on a 512x512x300 CT (budget: <= 1 s with lungs and zones given).
+
+Builds a 512x512x300 volume from the real COVID-19 scan when available (slices repeated
+along z), else from a phantom up-sampled in-plane; lungs from ``segment_lungs`` or the
+phantom; lesions from the density engine. Times: zones (once per lung mask), findings
+(first call and recompute after an edit, i.e. lung statistics cached), the GGO /
+consolidation split, and the density engine. Prints a table with the budget ratio.
+"""
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from CovidCTDxLib.findings import compute_findings  # noqa: E402
+from CovidCTDxLib.lesions import detect_lesions, split_lesion_types  # noqa: E402
+from CovidCTDxLib.result import LesionMasks, LungMasks  # noqa: E402
+from CovidCTDxLib.volume import CTVolume  # noqa: E402
+from CovidCTDxLib.zones import compute_zones  # noqa: E402
+
+COVID = Path(__file__).resolve().parents[2] / "shared" / "data" / "covid-ct-md-P001" / "dicom"
+
+
+def _case():
+    if COVID.exists():
+        from CovidCTDxLib.io import read_ct
+        from CovidCTDxLib.lungs import segment_lungs
+
+        ct = read_ct(COVID)
+        lungs = segment_lungs(ct)
+        idx = np.linspace(0, ct.shape[0] - 1, 300).round().astype(int)
+        sp = ct.spacing
+        big = CTVolume(ct.array[idx], (sp[0], sp[1], sp[2] * ct.shape[0] / 300), ct.origin, ct.direction)
+        z = np.zeros((300, 512, 512), bool)
+        return "covid-ct-md P001 resampled", big, LungMasks(lungs.right[idx], lungs.left[idx], z, z)
+    from CovidCTDxLib.phantom import make_phantom
+
+    p = make_phantom("covid", severity="moderate", shape=(300, 512, 512), spacing=(0.7, 0.7, 1.0))
+    z = np.zeros(p.ct.shape, bool)
+    return "phantom", p.ct, LungMasks(p.right_lung, p.left_lung, z, z)
+
+
+def _time(fn, repeat=1):
+    best = np.inf
+    out = None
+    for _ in range(repeat):
+        t = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t)
+    return best, out
+
+
+def main() -> None:
+    name, ct, lungs = _case()
+    t_les, les = _time(lambda: detect_lesions(ct, lungs))
+    t_zones, zones = _time(lambda: compute_zones(ct, lungs.right, lungs.left))
+    t_split, _ = _time(lambda: split_lesion_types(ct, les.lesion))
+    t_first, f = _time(lambda: compute_findings(ct, lungs, les, zones))
+    edited = les.lesion.copy()
+    edited[:, :, : ct.shape[2] // 2] = False
+    t_edit, _ = _time(lambda: compute_findings(ct, lungs, LesionMasks(edited), zones), repeat=3)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"case: {name}, shape {ct.shape}, lesions {f.lesion_volume_ml:.1f} mL, LVR {f.lvr_percent:.2f} %")
+    print(f"{'step':38s} {'time s':>8s} {'budget s':>9s} {'ratio':>7s}")
+    for step, t, budget in [
+        ("findings (first call, zones given)", t_first, 1.0),
+        ("findings recompute after edit", t_edit, 1.0),
+        ("zones (once per lung mask)", t_zones, None),
+        ("ggo/consolidation split", t_split, None),
+        ("density lesion engine", t_les, None),
+    ]:
+        ratio = f"{t / budget:7.2f}" if budget else "      -"
+        print(f"{step:38s} {t:8.2f} {budget if budget else '-':>9} {ratio}")
+    print(f"peak RSS {rss:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
