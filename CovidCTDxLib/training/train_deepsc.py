@@ -28,7 +28,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from .. import __version__
 from ..inference import infer_prepared
-from ..models.deepsc import ARCHITECTURE, ARCHITECTURE_VERSION, DeepSCConfig, DeepSCCovid
+from ..models.deepsc import ARCHITECTURE, ARCHITECTURE_VERSION, DeepSCConfig, DeepSCCovid, DeepSCOutputs
 from ..result import CLASS_KEYS
 from ..weights import ModelCard, save_weights
 from . import common
@@ -55,6 +55,8 @@ class TrainOptions:
     lesion_fraction: float = 0.6
     seed: int = 0
     max_minutes: Optional[float] = None
+    stage1_time_fraction: float = 0.75
+    bf16: bool = False
     out_dir: Path = Path("deepsc_run")
     resume: bool = True
     device: Optional[str] = None
@@ -150,8 +152,13 @@ def train(
 
     stopped_early = False
     deadline = t_start + 60 * options.max_minutes if options.max_minutes else None
+    # With a time budget, stage 1 also ends once its share of the budget is used, so the
+    # joint fine-tuning stage always gets to run.
+    stage1_deadline = t_start + 60 * options.max_minutes * options.stage1_time_fraction if options.max_minutes else None
     for epoch in range(start_epoch, total_epochs):
         new_stage = 1 if epoch < options.epochs_stage1 else 2
+        if stage == 2 or (stage1_deadline is not None and time.perf_counter() > stage1_deadline and options.epochs_stage2 > 0):
+            new_stage = 2
         if new_stage != stage:
             stage = new_stage
             optimizer, scheduler = make_stage(stage)
@@ -164,7 +171,10 @@ def train(
         n = 0
         for batch in loader:
             batch = {k: v.to(ctx.device) for k, v in batch.items()}
-            outs = ddp_model(batch["patch"], batch["slices"], batch["box"])
+            with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=options.bf16):
+                outs = ddp_model(batch["patch"], batch["slices"], batch["box"])
+            if options.bf16:  # losses in float32
+                outs = DeepSCOutputs(outs.seg_logits.float(), [o.float() for o in outs.deep_logits], outs.cls_logits.float(), [c.float() for c in outs.cams])
             terms = deepsc_loss(outs, batch["lesion"], batch["lung"], batch["label"], batch["box"], class_weights, weights, batch["seg_valid"])
             optimizer.zero_grad(set_to_none=True)
             terms["total"].backward()
@@ -243,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     sch.add_argument("--batch-size", type=int, default=2)
     sch.add_argument("--patches-per-case", type=int, default=4)
     sch.add_argument("--max-minutes", type=float, default=None, help="stop (and still save weights) after this wall time")
+    sch.add_argument("--bf16", action="store_true", help="bfloat16 autocast (fast on CPUs with AMX / GPUs)")
     run_ = p.add_argument_group("run")
     run_.add_argument("-o", "--out", type=Path, default=Path("deepsc_run"), help="output folder (checkpoints, metrics.jsonl, deepsc.safetensors)")
     run_.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in --out")
@@ -302,6 +313,7 @@ def run(args: argparse.Namespace) -> int:
         patches_per_case=args.patches_per_case,
         seed=args.seed,
         max_minutes=args.max_minutes,
+        bf16=args.bf16,
         out_dir=args.out,
         resume=not args.no_resume,
         device=args.device,
