@@ -25,7 +25,9 @@ axes permuted/flipped, so the patient's left lung is still at +x in LPS.
 from __future__ import annotations
 
 import logging
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -504,18 +506,17 @@ def _psf_sigma_vox(spacing_xyz: Sequence[float]) -> Tuple[float, float]:
     return (max(0.5, 0.47 / sy), max(0.5, 0.47 / sx))
 
 
-#: Slice-profile blur along z: weight of each neighbouring slice (Gaussian, sigma 0.45 slice).
-_Z_TAP = float(np.exp(-1.0 / (2 * 0.45 ** 2)) / (1.0 + 2.0 * np.exp(-1.0 / (2 * 0.45 ** 2))))
 #: Std of the uniform int8 noise source (values -128..127).
 _INT8_STD = float(np.sqrt((256 ** 2 - 1) / 12.0))
+#: Worker threads for the slice loops (numpy releases the GIL in its array loops).
+_WORKERS = max(1, min(2, os.cpu_count() or 1))
 
 
 def _noise_gain(sigma: Sequence[float]) -> float:
-    """Std of unit white noise after the in-plane PSF and the 3-tap z blur."""
+    """Std of unit white noise after the in-plane PSF."""
     rng = np.random.default_rng(12345)
-    block = _psf_inplane(rng.standard_normal((24, 64, 64), dtype=np.float32), sigma)
-    block = (1 - 2 * _Z_TAP) * block + _Z_TAP * (np.roll(block, 1, 0) + np.roll(block, -1, 0))
-    return float(block[1:-1, 2:-2, 2:-2].std())
+    block = _psf_inplane(rng.standard_normal((8, 96, 96), dtype=np.float32), sigma)
+    return float(block[:, 2:-2, 2:-2].std())
 
 
 def _psf_inplane(block: np.ndarray, sigma: Sequence[float]) -> np.ndarray:
@@ -547,48 +548,19 @@ def _psf_inplane(block: np.ndarray, sigma: Sequence[float]) -> np.ndarray:
     return block
 
 
-class _Scanner:
-    """Adds noise and the PSF blur slice chunk by slice chunk, writing int16 HU.
+def _scanner(block: np.ndarray, sigma: Sequence[float], scale: float, rng: np.random.Generator) -> np.ndarray:
+    """Noise then PSF blur (which correlates the noise like a reconstruction kernel), int16.
 
-    The noise is added before the blur, so the blur correlates it like a reconstruction
-    kernel does; its source is uniform random bytes (cheap), Gaussian after the blur sums
-    them, scaled so the final std is ``noise_hu``. In-plane blur per chunk; the z blur
-    (slice profile, 3 taps) needs the next slice, so the last slice of each chunk waits.
+    The noise source is uniform random bytes (cheap); after the blur sums neighbours it is
+    close to Gaussian, with std ``scale * _INT8_STD * gain`` (= the requested noise).
+    Slices are independent (no z blur: the slice sampling is the z resolution).
     """
-
-    def __init__(self, out: np.ndarray, spacing: Sequence[float], noise_hu: float, rng: np.random.Generator):
-        self.out = out
-        self.rng = rng
-        self.sigma = _psf_sigma_vox(spacing)
-        self.scale = np.float32(noise_hu / _noise_gain(self.sigma) / _INT8_STD)
-        self.next_out = 0  # first slice not yet written
-        self.buf: Optional[np.ndarray] = None  # blurred slices from max(next_out - 1, 0)
-
-    def push(self, block: np.ndarray) -> None:
-        noise = np.frombuffer(self.rng.bytes(block.size), dtype=np.int8).reshape(block.shape)
-        block += noise.astype(np.float32) * self.scale
-        block = _psf_inplane(block, self.sigma)
-        self.buf = block if self.buf is None else np.concatenate([self.buf, block])
-        self._emit(final=False)
-
-    def finish(self) -> np.ndarray:
-        self._emit(final=True)
-        return self.out
-
-    def _emit(self, final: bool) -> None:
-        b0 = max(self.next_out - 1, 0)
-        buf = self.buf
-        b1 = b0 + len(buf)
-        stop = b1 if final else b1 - 1
-        nz = self.out.shape[0]
-        for k in range(self.next_out, stop):
-            lo, hi = max(k - 1, 0), min(k + 1, nz - 1)
-            s = (1.0 - 2.0 * _Z_TAP) * buf[k - b0] + _Z_TAP * (buf[lo - b0] + buf[min(hi, b1 - 1) - b0])
-            np.clip(s, -1024, 3071, out=s)
-            np.rint(s, out=s)
-            self.out[k] = s
-        self.next_out = max(stop, self.next_out)
-        self.buf = buf[max(self.next_out - 1, 0) - b0:]
+    noise = np.frombuffer(rng.bytes(block.size), dtype=np.int8).reshape(block.shape)
+    block += np.multiply(noise, np.float32(scale), dtype=np.float32)
+    block = _psf_inplane(block, sigma)
+    np.clip(block, -1024, 3071, out=block)
+    np.rint(block, out=block)
+    return block.astype(np.int16)
 
 
 # =========================================================================== public API
@@ -681,19 +653,25 @@ def make_phantom(
     soft, air = _tube_fractions(grid, segments, _bronchi(segments))
     clock("vessels")
 
-    anatomy = _Anatomy(grid)
     labels = np.empty(cshape, dtype=np.uint8)
     right = np.empty(cshape, dtype=bool)
     left = np.empty(cshape, dtype=bool)
-    for k in range(nz):
-        labels[k] = anatomy.slice_labels(float(grid.z[k]))
-        np.equal(labels[k], LUNG_R, out=right[k])
-        np.equal(labels[k], LUNG_L, out=left[k])
+
+    def label_slices(k0: int, k1: int) -> None:
+        anatomy = _Anatomy(grid)  # one per thread: it caches per-slice state
+        for k in range(k0, k1):
+            labels[k] = anatomy.slice_labels(float(grid.z[k]))
+            np.equal(labels[k], LUNG_R, out=right[k])
+            np.equal(labels[k], LUNG_L, out=left[k])
+
+    pool = ThreadPoolExecutor(_WORKERS) if _WORKERS > 1 else None
+    bounds = np.linspace(0, nz, _WORKERS + 1).astype(int)
+    _run(pool, label_slices, list(zip(bounds[:-1], bounds[1:])))
     airways = labels == AIRWAY
     body = np.empty(cshape, dtype=bool)
-    body[:] = anatomy.body[None]
+    body[:] = _Anatomy(grid).body[None]
     # In-plane box of the lungs: texture, vessels and lesions only matter there.
-    in_plane = np.any(right | left, axis=0) if nz * ny * nx < 4e6 else _any_plane(right, left)
+    in_plane = _any_plane(right, left)
     ys, xs = np.nonzero(in_plane.any(axis=1))[0], np.nonzero(in_plane.any(axis=0))[0]
     yx = (slice(int(ys.min()), int(ys.max()) + 1), slice(int(xs.min()), int(xs.max()) + 1)) if ys.size else (
         slice(0, 1), slice(0, 1))
@@ -701,37 +679,43 @@ def make_phantom(
 
     grower = None
     if kind != "normal":
-        grower = LesionGrower(kind, lvr, right, left, cspacing, grid.origin, np.eye(3), rng)
+        grower = LesionGrower(kind, lvr, right, left, cspacing, grid.origin, np.eye(3), rng, pool=pool)
     clock("lesion planning")
     lesion = np.zeros(cshape, dtype=bool)
     lesion_type = np.zeros(cshape, dtype=np.uint8)
     lobes = np.zeros(cshape, dtype=np.uint8)
+    ct_array = np.empty(cshape, dtype=np.int16)
     h_pv = float(np.prod(cspacing) ** (1.0 / 3.0))
-    scanner = _Scanner(np.empty(cshape, dtype=np.int16), cspacing, noise_hu, rng)
-    step = max(2, 2_000_000 // (ny * nx))
-    for k0 in range(0, nz, step):
-        k1 = min(k0 + step, nz)
+    sigma = _psf_sigma_vox(cspacing)
+    noise_scale = noise_hu / _noise_gain(sigma) / _INT8_STD
+    noise_seed = int(rng.integers(2**62))
+
+    def render(k0: int, k1: int) -> None:
+        """HU of slices k0..k1-1: tissues, lung texture, fissures, vessels, bronchi,
+        lesions, then scanner noise and blur."""
         h = _HU[labels[k0:k1]]
         box = (slice(k0, k1),) + yx
         hb = h[(slice(None),) + yx]
         lung = right[box] | left[box]
-        tex = upsample_linear(tex_c, f, box)
-        np.add(hb, tex, out=hb, where=lung)
+        np.add(hb, upsample_linear(tex_c, f, box), out=hb, where=lung)
         lobes[box], fissure = _lobes(grid.z[k0:k1][:, None, None], grid.y[yx[0]][None, :, None],
                                      grid.x[yx[1]][None, None, :], right[box], left[box], h_pv)
         _blend(hb, _FISSURE_HU, fissure, lung)
         _blend(hb, _HU[BLOOD], soft[box], lung, 1.0 / 255.0)
         a = air[box]
-        _blend(hb, _HU[AIR], a, lung, 1.0 / 255.0)
+        if a.any():
+            _blend(hb, _HU[AIR], a, lung, 1.0 / 255.0)
         if grower is not None:
             air_full = np.zeros(h.shape, dtype=bool)
             air_full[(slice(None),) + yx] = a > 128
             lesion[k0:k1], lesion_type[k0:k1] = grower.apply(k0, k1, h, air=air_full)
-        clock("tissue + lesion HU")
-        scanner.push(h)
-        clock("noise + PSF")
-    ct_array = scanner.finish()
-    clock("noise + PSF")
+        ct_array[k0:k1] = _scanner(h, sigma, noise_scale, np.random.default_rng([noise_seed, k0]))
+
+    step = max(1, 1_000_000 // (ny * nx))
+    _run(pool, render, [(k0, min(k0 + step, nz)) for k0 in range(0, nz, step)])
+    if pool is not None:
+        pool.shutdown()
+    clock("tissues, lesions, noise + PSF")
     del labels, soft, air
     achieved = 100.0 * int(np.count_nonzero(lesion)) / grower.n_lung if grower is not None else 0.0
 
@@ -795,6 +779,16 @@ def _blend(h: np.ndarray, target: float, frac: np.ndarray, where: np.ndarray, sc
     if scale != 1.0:
         t *= np.float32(scale)
     np.add(h, t, out=h, where=where)
+
+
+def _run(pool: Optional[ThreadPoolExecutor], fn, ranges) -> None:
+    """Run fn(k0, k1) over slice ranges, on the pool if any (re-raising worker errors)."""
+    if pool is None:
+        for k0, k1 in ranges:
+            fn(k0, k1)
+        return
+    for fut in [pool.submit(fn, k0, k1) for k0, k1 in ranges]:
+        fut.result()
 
 
 def _any_plane(right: np.ndarray, left: np.ndarray) -> np.ndarray:
