@@ -487,10 +487,16 @@ def _tube_fractions(grid: _Canonical, vessels, bronchi) -> Tuple[np.ndarray, np.
             continue
         d = _segment_distance(grid.x[box[2]][None, None, :], grid.y[box[1]][None, :, None],
                               grid.z[box[0]][:, None, None], a, b)
-        d *= np.float32(-1.0 / h)  # fraction = 0.5 + (radius - distance) / h
-        np.maximum(soft[box], _to_u8(d + np.float32(0.5 + r_soft / h)), out=soft[box])
-        if r_air is not None:
-            np.maximum(air[box], _to_u8(d + np.float32(0.5 + r_air / h)), out=air[box])
+        # fraction = (0.5 + (radius - distance) / h) * min(1, 2 radius / h): a soft edge one
+        # voxel wide, scaled down for sub-voxel tubes so their cross-section is conserved.
+        d *= np.float32(-1.0 / h)
+        for radius, acc in ((r_soft, soft), (r_air, air)):
+            if radius is None:
+                continue
+            frac = d + np.float32(0.5 + radius / h)
+            if 2.0 * radius < h:
+                frac *= np.float32(2.0 * radius / h)
+            np.maximum(acc[box], _to_u8(frac), out=acc[box])
     return soft, air
 
 

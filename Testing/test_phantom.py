@@ -256,6 +256,35 @@ def test_bad_arguments_raise_input_error():
         make_phantom("covid", direction=np.array([[0.6, 0.8, 0], [-0.8, 0.6, 0], [0, 0, 1]]), **SMALL)
 
 
+def test_insert_lesions_respects_flipped_geometry():
+    """Insertion works in patient coordinates: on a volume stored with i towards the
+    patient's right and k towards the feet, COVID lesions still go to both lungs, near
+    the pleura and low (inferior) in LPS."""
+    direction = np.diag([-1.0, 1.0, -1.0])
+    normal = make_phantom("normal", seed=8, direction=direction, **SMALL)
+    out = insert_lesions(normal.ct, normal.right_lung, normal.left_lung, "covid", 10.0, seed=2)
+    lungs = normal.lungs
+    assert abs(100.0 * out.lesion.sum() / lungs.sum() - 10.0) <= 1.0
+    assert not np.any(out.lesion & ~lungs)
+    assert (out.lesion & normal.right_lung).any() and (out.lesion & normal.left_lung).any()
+    z = np.broadcast_to(out.ct.lps_coordinate(LPS_SUPERIOR), lungs.shape)
+    assert z[out.lesion].mean() < z[lungs].mean()
+    dist = ndimage.distance_transform_edt(lungs, sampling=out.ct.spacing_zyx)
+    assert np.mean(dist[out.lesion] <= 10.0) > 0.5
+    assert np.array_equal(out.lesion, out.lesion_type > 0)
+    assert out.ct.array.dtype == np.int16 and np.allclose(out.ct.direction, direction)
+
+
+def test_insert_lesions_rejects_bad_masks():
+    normal = make_phantom("normal", seed=8, **SMALL)
+    with pytest.raises(InputError):
+        insert_lesions(normal.ct, normal.right_lung[:-1], normal.left_lung, "covid", 5.0)
+    with pytest.raises(InputError):
+        insert_lesions(normal.ct, np.zeros_like(normal.right_lung), np.zeros_like(normal.left_lung), "cap", 5.0)
+    with pytest.raises(InputError):
+        insert_lesions(normal.ct, normal.right_lung, normal.left_lung, "normal", 5.0)
+
+
 # --------------------------------------------------------------------------- real CT
 @pytest.fixture(scope="module")
 def a0001(request):
