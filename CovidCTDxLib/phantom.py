@@ -699,7 +699,7 @@ def make_phantom(
     def render(k0: int, k1: int) -> None:
         """HU of slices k0..k1-1: tissues, lung texture, fissures, vessels, bronchi,
         lesions, then scanner noise and blur."""
-        h = _HU[labels[k0:k1]]
+        h = np.take(_HU, labels[k0:k1])
         box = (slice(k0, k1),) + yx
         hb = h[(slice(None),) + yx]
         lung = right[box] | left[box]
@@ -722,7 +722,6 @@ def make_phantom(
     if pool is not None:
         pool.shutdown()
     clock("tissues, lesions, noise + PSF")
-    del labels, soft, air
     achieved = 100.0 * int(np.count_nonzero(lesion)) / grower.n_lung if grower is not None else 0.0
 
     arrays = [ct_array, right, left, airways, body, lesion, lesion_type, lobes]

@@ -217,9 +217,6 @@ def plan_lesions(
     rel /= rel.sum()
     total = lvr_percent / 100.0 * lung_volume_mm3 * (1.6 if kind == "covid" else 1.1)
 
-    superior = geom_coarse.direction[2]  # LPS S component of each index axis (i, j, k)
-    posterior = geom_coarse.direction[1]
-    zyx_all = None
     plans: List[LesionPlan] = []
     centres: List[np.ndarray] = []
     for i, side in enumerate(sides):
@@ -269,7 +266,6 @@ def plan_lesions(
             cons = float(rng.uniform(-30, 70))
         aspect /= np.prod(aspect) ** (1.0 / 3.0)
         plans.append(LesionPlan(centre, axes, r * aspect, side, crazy, core, ggo, cons))
-    del zyx_all, superior, posterior
     return plans
 
 
