@@ -11,11 +11,13 @@ What the lesions follow (DeepSC-COVID findings, MODELS.md):
   consolidation (-100..+100 HU) with a ground-glass rim.
 
 How the lesion volume ratio (LVR) is hit exactly: each lesion is a smooth random field
-``F_i = |ellipsoid coordinates| + noise`` (blobby, not spherical), evaluated on a coarse
-grid (~2.5 mm) and linearly up-sampled to the CT grid. The lesion mask is
-``lung & (min_i F_i <= t)``; ``t`` is the k-th smallest field value inside the lungs, with
-k = requested lesion voxels, so the achieved LVR equals the request up to ties. If the
-fields cannot supply k voxels (lesions planned too small), the radii grow and we retry.
+``F_i = |ellipsoid coordinates| + noise`` (blobby, not spherical; for COVID plus a
+penalty growing with the distance to the pleura, so lesions spread along the lung
+surface), evaluated on a coarse grid (~2.5 mm) and linearly up-sampled to the CT grid. The
+lesion mask is ``lung & (min_i F_i <= t)``; ``t`` is the k-th smallest field value inside
+the lungs (k = requested lesion voxels), found with a streamed fine histogram, so the
+achieved LVR equals the request to ~0.1 %. If the fields cannot supply k voxels (lesions
+planned too small), the radii grow and we retry.
 
 Everything is computed in patient (LPS) millimetres through the volume's own geometry, so
 spacing, anisotropy and direction matrices are respected.

@@ -231,6 +231,14 @@ def test_anisotropic_spacing_same_anatomy():
     assert abs(vp - vq) < 0.15 * vq
 
 
+def test_partial_coverage_when_grid_is_shorter_than_the_chest():
+    # 100 mm of z around mid-chest: both lungs cut top and bottom, lesions still exact.
+    p = make_phantom("covid", lvr_percent=10, shape=(20, 128, 128), spacing=(2.5, 2.5, 5.0), seed=9)
+    assert np.all(np.any(p.lungs, axis=(1, 2)))  # every slice has lung
+    assert abs(_lvr(p) - 10) <= 1.0
+    assert p.right_lung.any() and p.left_lung.any()
+
+
 def test_flipped_direction_keeps_left_left():
     direction = np.diag([-1.0, -1.0, 1.0])  # i runs to patient right, j anterior
     p = make_phantom("cap", lvr_percent=5, seed=4, direction=direction, **SMALL)
