@@ -146,7 +146,7 @@ RIB_THICK = 0.085  # of the cavity radius
 LUNG_APEX_Z, LUNG_BASE_Z = 152.0, -160.0
 MED_XC = 5.0
 #: Fissures: oblique z = a + b * y (mm) per lung, right horizontal fissure height.
-OBLIQUE_R, OBLIQUE_L, HORIZONTAL_FISSURE_Z = (-45.0, 1.1), (-35.0, 1.1), 5.0
+OBLIQUE_R, OBLIQUE_L, HORIZONTAL_FISSURE_Z = (-25.0, 1.1), (-15.0, 1.1), 5.0
 OBLIQUE_LATERAL = 0.35
 _FISSURE_HU = -150.0
 LOBE_NAMES = ("right_upper", "right_middle", "right_lower", "left_upper", "left_lower")
@@ -695,6 +695,7 @@ def make_phantom(
     sigma = _psf_sigma_vox(cspacing)
     noise_scale = noise_hu / _noise_gain(sigma) / _INT8_STD
     noise_seed = int(rng.integers(2**62))
+    plane = _fissure_plane(grid.y[yx[0]][:, None], grid.x[yx[1]][None, :])
 
     def render(k0: int, k1: int) -> None:
         """HU of slices k0..k1-1: tissues, lung texture, fissures, vessels, bronchi,
@@ -704,9 +705,7 @@ def make_phantom(
         hb = h[(slice(None),) + yx]
         lung = right[box] | left[box]
         np.add(hb, upsample_linear(tex_c, f, box), out=hb, where=lung)
-        lobes[box], fissure = _lobes(grid.z[k0:k1][:, None, None], grid.y[yx[0]][None, :, None],
-                                     grid.x[yx[1]][None, None, :], right[box], left[box], h_pv)
-        _blend(hb, _FISSURE_HU, fissure, lung)
+        lobes[box] = _lobes_and_fissures(hb, grid.z[k0:k1][:, None, None], plane, right[box], left[box], lung, h_pv)
         _blend(hb, _HU[BLOOD], soft[box], lung, 1.0 / 255.0)
         a = air[box]
         if a.any():
@@ -752,29 +751,54 @@ class _Clock:
         self._t = now
 
 
-def _lobes(z: np.ndarray, y: np.ndarray, x: np.ndarray, right: np.ndarray, left: np.ndarray, h: float
-           ) -> Tuple[np.ndarray, np.ndarray]:
-    """Lobe labels (LOBE_NAMES order, 1-based) and the fissures' partial-volume fraction.
+#: Lobe of each (right, left, below the oblique fissure, below the horizontal fissure)
+#: bit code: right=1, left=2, below oblique=4, below horizontal=8.
+_LOBE_LUT = np.zeros(16, dtype=np.uint8)
+for _code in range(16):
+    if _code & 1:
+        _LOBE_LUT[_code] = 3 if _code & 4 else (2 if _code & 8 else 1)
+    elif _code & 2:
+        _LOBE_LUT[_code] = 5 if _code & 4 else 4
 
-    Oblique fissures run from posterior-superior to anterior-inferior (z = a + b*y, y
-    posterior), rising laterally so they cross axial slices obliquely; the right horizontal fissure splits the upper from the middle lobe at the
-    level of the hilum. Fissures are ~1 mm thick pleural lines.
+
+def _fissure_plane(y: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Height z (mm) of the oblique fissure over each (y, x): z = a + b*y + lateral rise."""
+    a = np.where(x < MED_XC, OBLIQUE_R[0], OBLIQUE_L[0])
+    return (a + OBLIQUE_R[1] * y + OBLIQUE_LATERAL * (np.abs(x - MED_XC) - 60.0)).astype(np.float32)
+
+
+def _lobes_and_fissures(hb: np.ndarray, z: np.ndarray, plane: np.ndarray, right: np.ndarray, left: np.ndarray,
+                        lung: np.ndarray, h: float) -> np.ndarray:
+    """Lobe labels (LOBE_NAMES order, 1-based) of a slice chunk; draws the fissures into ``hb``.
+
+    Oblique fissures run from posterior-superior to anterior-inferior and rise laterally,
+    so they cross axial slices obliquely; the right horizontal fissure splits the upper
+    from the middle lobe at the level of the hilum. Fissures are ~0.7 mm pleural lines,
+    drawn with partial volume only on the thin band of voxels near them.
     """
-    lateral = OBLIQUE_LATERAL * (np.abs(x - MED_XC) - 60.0)
-    obl_r = z - (OBLIQUE_R[0] + OBLIQUE_R[1] * y + lateral)
-    obl_l = z - (OBLIQUE_L[0] + OBLIQUE_L[1] * y + lateral)
+    obl = z - plane  # > 0 above the oblique fissure
+    code = left.view(np.uint8) << 1
+    code |= right.view(np.uint8)
+    code |= (obl < 0).view(np.uint8) << 2
+    code |= ((z < HORIZONTAL_FISSURE_Z).astype(np.uint8) << 3)
+    lobes = np.take(_LOBE_LUT, code)
     norm = np.float32(1.0 / np.sqrt(1.0 + OBLIQUE_R[1] ** 2 + OBLIQUE_LATERAL ** 2))
-    lobes = np.zeros(right.shape, dtype=np.uint8)
-    upper_r = right & (obl_r >= 0)
-    lobes[right] = 3
-    lobes[upper_r] = 1
-    lobes[upper_r & (z < HORIZONTAL_FISSURE_Z)] = 2
-    lobes[left] = 5
-    lobes[left & (obl_l >= 0)] = 4
-    dist = np.where(right, np.abs(obl_r) * norm, np.abs(obl_l) * norm)
-    dist = np.where(upper_r, np.minimum(dist, np.abs(z - HORIZONTAL_FISSURE_Z)), dist)
-    frac = np.clip(0.5 + (0.35 - dist) / h, 0.0, 1.0).astype(np.float32)
-    return lobes, frac
+    reach = np.float32(0.35 + 0.5 * h)
+    dist_h = np.abs(z - HORIZONTAL_FISSURE_Z)  # per slice
+    band = np.abs(obl) * norm < reach
+    near_h = (dist_h < reach).reshape(-1)
+    if near_h.any():
+        band[near_h] |= (lobes[near_h] == 1) | (lobes[near_h] == 2)
+    band &= lung
+    idx = np.nonzero(band)
+    if idx[0].size:
+        d = np.abs(obl[idx]) * norm
+        upper_right = (lobes[idx] == 1) | (lobes[idx] == 2)
+        d = np.where(upper_right, np.minimum(d, dist_h.reshape(-1)[idx[0]]), d)
+        frac = np.clip(0.5 + (0.35 - d) / h, 0.0, 1.0)
+        v = hb[idx]
+        hb[idx] = v + frac * (_FISSURE_HU - v)
+    return lobes
 
 
 def _blend(h: np.ndarray, target: float, frac: np.ndarray, where: np.ndarray, scale: float = 1.0) -> None:
