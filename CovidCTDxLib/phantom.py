@@ -137,7 +137,7 @@ class InsertedLesions:
 _HU = np.zeros(16, dtype=np.float32)
 _HU[[AIR, FAT, MUSCLE, MEDIASTINUM, LUNG_R, LUNG_L, ABDOMEN, BLOOD, MARROW, CORTEX, DISC,
      TABLE_SHELL, TABLE_FOAM, AIRWAY, AIRWAY_WALL, CSF]] = [
-    -1000, -100, 45, -60, -850, -850, 55, 40, 250, 850, 80, 350, -900, -1000, 30, 15]
+    -1000, -100, 45, -90, -870, -870, 55, 40, 250, 850, 80, 350, -900, -1000, 30, 15]
 
 BODY_HALF = (157.0, 110.0)  # x, y of the skin ellipse
 FAT_MM = 12.0
@@ -388,13 +388,17 @@ _SOFT = [MEDIASTINUM, LUNG_R, LUNG_L, ABDOMEN, MUSCLE]
 
 
 # --------------------------------------------------------------------------- vessels
+_OUTWARD = 0.4
+
+
 def _grow_trees(rng: np.random.Generator, roots, max_segments: int):
     """Bronchovascular trees: segments (a, b, r, is_artery) branching and thinning outwards.
 
     Grown generation by generation for all trees at once so the inside-the-lung tests are
     vectorised. Each segment is 5-8 radii long; a branch point gives a major child
     (0.78-0.9 r, small angle) and a minor one (0.5-0.7 r, larger angle); a branch that
-    cannot stay in its lung after a few bends ends.
+    cannot stay in its lung after a few bends ends. Children lean away from the hilum, so
+    the trees reach the periphery instead of curling around the centre.
     """
     P = np.array([r[0] for r in roots], float)
     D = np.array([r[1] for r in roots], float)
@@ -402,6 +406,7 @@ def _grow_trees(rng: np.random.Generator, roots, max_segments: int):
     R = np.array([r[2] for r in roots], float)
     S = np.array([r[3] for r in roots], np.uint8)
     A = np.array([r[4] for r in roots], bool)
+    H = P.copy()  # each branch's hilum (tree root): branches are pulled away from it
     segments: List[Tuple[np.ndarray, np.ndarray, float, bool]] = []
     while len(P) and len(segments) < max_segments:
         length = np.maximum(3.0, R * rng.uniform(5.0, 8.0, len(R)))
@@ -417,19 +422,23 @@ def _grow_trees(rng: np.random.Generator, roots, max_segments: int):
             D[bad] += rng.normal(0.0, 0.6, (int(bad.sum()), 3))
             D[bad] /= np.linalg.norm(D[bad], axis=1, keepdims=True)
             length[bad] *= 0.7
-        P, Q, D, R, S, A = P[ok], Q[ok], D[ok], R[ok], S[ok], A[ok]
+        P, Q, D, R, S, A, H = P[ok], Q[ok], D[ok], R[ok], S[ok], A[ok], H[ok]
         segments.extend(zip(P, Q, R, A))
         grow = R >= 0.45
-        P, Q, D, R, S, A = P[grow], Q[grow], D[grow], R[grow], S[grow], A[grow]
+        P, Q, D, R, S, A, H = P[grow], Q[grow], D[grow], R[grow], S[grow], A[grow], H[grow]
         n = len(P)
         perp = np.cross(D, rng.standard_normal((n, 3)))
         perp /= np.linalg.norm(perp, axis=1, keepdims=True) + 1e-9
         a1 = rng.uniform(0.15, 0.45, n)[:, None]
         a2 = -rng.uniform(0.5, 0.9, n)[:, None]
-        D1 = D * np.cos(a1) + perp * np.sin(a1)
-        D2 = D * np.cos(a2) + perp * np.sin(a2)
+        radial = Q - H
+        radial /= np.linalg.norm(radial, axis=1, keepdims=True) + 1e-9
+        D1 = D * np.cos(a1) + perp * np.sin(a1) + _OUTWARD * radial
+        D2 = D * np.cos(a2) + perp * np.sin(a2) + _OUTWARD * radial
         P = np.concatenate([Q, Q])
         D = np.concatenate([D1, D2])
+        D /= np.linalg.norm(D, axis=1, keepdims=True)
+        H = np.concatenate([H, H])
         R = np.concatenate([R * rng.uniform(0.78, 0.9, n), R * rng.uniform(0.5, 0.7, n)])
         S = np.concatenate([S, S])
         A = np.concatenate([A, A])
@@ -458,8 +467,13 @@ def _bronchi(segments) -> List[Tuple[np.ndarray, np.ndarray, float, float]]:
     return out
 
 
-def _vessel_segments(rng: np.random.Generator, max_segments: int = 9000):
-    """Pulmonary artery and vein trees of both lungs (independent of the grid)."""
+def _vessel_segments(rng: np.random.Generator, max_segments: int = 14000, peripheral_seeds: int = 70):
+    """Pulmonary artery and vein trees of both lungs (independent of the grid).
+
+    Hilar trees give the large central vessels; small trees seeded throughout each lung
+    (pointing away from the hilum) stand in for the many peripheral branches a 13-level
+    tree would need, at a fraction of the segments.
+    """
     roots = []
     for name, side in (("right", 1), ("left", 2)):
         sx = _SX[name]
@@ -470,6 +484,16 @@ def _vessel_segments(rng: np.random.Generator, max_segments: int = 9000):
             roots.append((art, d, 4.5, side, True))
         for d in ((0.5 * sx, -0.5, 0.9), (1.0 * sx, 0.1, -0.3), (0.5 * sx, 0.5, -1.0), (0.7 * sx, -0.6, -0.6)):
             roots.append((vein, d, 4.0, side, False))
+        # Peripheral seeds: uniform in the lung (rejection sampling), radius 1-2 mm.
+        hilum = (art + vein) / 2.0
+        pts = np.empty((0, 3))
+        while len(pts) < peripheral_seeds:
+            cand = rng.uniform((-130.0, -90.0, LUNG_BASE_Z), (130.0, 80.0, LUNG_APEX_Z), (4 * peripheral_seeds, 3))
+            cand[:, 0] = sx * np.abs(cand[:, 0])
+            pts = np.concatenate([pts, cand[_lung_side(cand[:, 0], cand[:, 1], cand[:, 2]) == side]])
+        for p in pts[:peripheral_seeds]:
+            d = p - hilum + rng.normal(0.0, 20.0, 3)
+            roots.append((p, d, float(rng.uniform(1.0, 2.0)), side, bool(rng.random() < 0.5)))
     return _grow_trees(rng, roots, max_segments)
 
 
@@ -481,6 +505,8 @@ def _tube_fractions(grid: _Canonical, vessels, bronchi) -> Tuple[np.ndarray, np.
     h = float(np.prod(grid.spacing) ** (1.0 / 3.0))
     tubes = [(a, b, r, None) for a, b, r, _art in vessels] + [(a, b, outer, lumen) for a, b, lumen, outer in bronchi]
     for a, b, r_soft, r_air in tubes:
+        if r_soft < 0.2 * h:
+            continue  # far below the voxel size: invisible, skip the work
         reach = r_soft + 0.5 * h
         box = grid.index_box(np.minimum(a, b) - reach, np.maximum(a, b) + reach)
         if box is None:
