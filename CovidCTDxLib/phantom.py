@@ -34,7 +34,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from scipy import ndimage
 
-from .errors import InputError
+from .errors import InputError, VolumeTooLargeError
 from .phantom_lesions import (
     CONSOLIDATION,
     CRAZY_PAVING,
@@ -78,6 +78,8 @@ SEVERITY_LVR_PERCENT = {"mild": (1.0, 5.0), "moderate": (5.0, 15.0), "severe": (
 KIND_LABELS = {"covid": "covid19", "cap": "cap", "normal": "non_pneumonia"}
 
 DEFAULT_SHAPE = (96, 192, 192)
+#: Largest grid make_phantom builds (~14 bytes/voxel at peak: 2.2 GB for 512x512x600).
+MAX_VOXELS = 512 * 512 * 600
 DEFAULT_SPACING = (2.0, 2.0, 3.5)
 
 
@@ -658,6 +660,12 @@ def make_phantom(
     spacing = tuple(float(s) for s in spacing)
     if len(shape) != 3 or len(spacing) != 3 or min(shape) < 2 or min(spacing) <= 0:
         raise InputError(f"shape must be 3 positive sizes (z, y, x) and spacing 3 positive mm, got {shape}, {spacing}.")
+    n_vox = int(np.prod(shape))
+    if n_vox > MAX_VOXELS:
+        raise VolumeTooLargeError(
+            f"A {shape} phantom has {n_vox / 1e6:.0f} M voxels and would need ~{n_vox * 14 / 2**30:.1f} GB; "
+            f"the limit is {MAX_VOXELS / 1e6:.0f} M voxels (e.g. 512x512x600). Use a coarser spacing."
+        )
     perm = _permutation(direction)
     rng = np.random.default_rng(seed)
     sev, lvr = _resolve_lvr(kind, severity, lvr_percent, rng)

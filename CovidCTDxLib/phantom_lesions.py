@@ -155,7 +155,7 @@ def _upsample_axis(a: np.ndarray, axis: int, f: int, start: int, stop: int) -> n
 def smooth_noise(rng: np.random.Generator, shape: Sequence[int], sigma_vox: Sequence[float]) -> np.ndarray:
     """Unit-variance smooth Gaussian random field (float32) on a small grid."""
     white = rng.standard_normal(tuple(shape), dtype=np.float32)
-    field = ndimage.gaussian_filter(white, sigma=sigma_vox, mode="wrap")
+    field = ndimage.gaussian_filter(white, sigma=sigma_vox, mode="wrap", truncate=3.0)
     std = float(field.std())
     return field / std if std > 0 else field
 
@@ -444,8 +444,12 @@ class LesionGrower:
         )
         self.ret_c = None
         if any(p.crazy for p in self.plans):
+            # Only the coarse box the lesions reach needs the septal-line field.
             sig = np.maximum(4.0 / self.geom_c.spacing[::-1], 0.8)
-            self.ret_c = smooth_noise(np.random.default_rng(self.field_seed + 1), self.shape_c, sig)
+            cbox = tuple(slice(int(nz[a].min()), int(nz[a].max()) + 1) for a in range(3))
+            self.ret_c = np.zeros(self.shape_c, dtype=np.float32)
+            self.ret_c[cbox] = smooth_noise(np.random.default_rng(self.field_seed + 1),
+                                            tuple(s.stop - s.start for s in cbox), sig)
 
     def _chunks(self):
         (z0, z1), (y0, y1), (x0, x1) = self.box

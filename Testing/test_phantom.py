@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from CovidCTDxLib.errors import InputError
+from CovidCTDxLib.errors import InputError, VolumeTooLargeError
 from CovidCTDxLib.phantom import (
     CONSOLIDATION,
     GGO,
@@ -48,6 +48,7 @@ def _lvr(p) -> float:
 def test_lungs_are_where_they_should_be(covid):
     ct = covid.ct
     assert ct.array.dtype == np.int16 and ct.shape == SMALL["shape"]
+    ct.validate()  # passes the reader's own checks for a chest CT in HU
     assert np.allclose(ct.direction, np.eye(3))
     x_right = _mean_lps(ct, covid.right_lung, LPS_LEFT)
     x_left = _mean_lps(ct, covid.left_lung, LPS_LEFT)
@@ -264,6 +265,8 @@ def test_bad_arguments_raise_input_error():
         make_phantom("covid", lvr_percent=90, **SMALL)
     with pytest.raises(InputError):
         make_phantom("covid", direction=np.array([[0.6, 0.8, 0], [-0.8, 0.6, 0], [0, 0, 1]]), **SMALL)
+    with pytest.raises(VolumeTooLargeError):
+        make_phantom("normal", shape=(2000, 1024, 1024), spacing=(0.3, 0.3, 0.2))
 
 
 def test_insert_lesions_respects_flipped_geometry():
