@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import LungsNotFoundError, WeightsError
-from .models.deepsc import ARCHITECTURE, DeepSCConfig, DeepSCCovid, evidence_map
+from .models.deepsc import ARCHITECTURE, DeepSCConfig, DeepSCCovid, evidence_map, lesion_probability
 from .progress import ProgressCallback
 from .result import CLASS_KEYS, LungMasks, Provenance
 from .volume import LPS_LEFT, LPS_POSTERIOR, LPS_SUPERIOR, CTVolume
@@ -282,7 +282,7 @@ def infer_prepared(
         patches = torch.stack([vol[z : z + sz, y : y + sy, x : x + sx] for z, y, x in chunk])[:, None]
         boxes = torch.tensor([[z / Z, (z + sz) / Z, y / Y, (y + sy) / Y, x / X, (x + sx) / X] for z, y, x in chunk])
         out = model(patches, box=boxes, slice_features=feats)
-        prob = torch.softmax(out.seg_logits, dim=1)[:, 1]
+        prob = lesion_probability(out.seg_logits, cfg)
         cls = torch.softmax(out.cls_logits, dim=1).double()
         ev = evidence_map(out.cams, (cfg.cls_slices, cfg.cls_size, cfg.cls_size))
         for i, (z, y, x) in enumerate(chunk):

@@ -1,6 +1,7 @@
 """DeepSC-COVID network and losses: shapes, geometry of the exchange, gradients, learning."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -173,3 +174,13 @@ def test_overfits_a_tiny_phantom_batch():
     truth = batch["lesion"][0].bool()
     dice = 2 * (pred & truth).sum().item() / (pred.sum().item() + truth.sum().item())
     assert dice > 0.6
+
+
+def test_lesion_probability_undoes_the_class_weight_shift():
+    from CovidCTDxLib.models.deepsc import lesion_probability
+
+    cfg = DeepSCConfig.cpu()  # CE weights 0.1 / 1.0 -> log-odds shifted by log(10)
+    logits = torch.zeros(1, 2, 1, 1, 3)
+    logits[0, 1, 0, 0] = torch.tensor([0.0, np.log(10.0), 5.0])
+    p = lesion_probability(logits, cfg)[0, 0, 0]
+    assert p[0].item() == pytest.approx(1 / 11, rel=1e-4) and p[1].item() == pytest.approx(0.5, abs=1e-5) and p[2].item() > 0.9

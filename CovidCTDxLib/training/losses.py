@@ -124,6 +124,7 @@ def deepsc_loss(
     class_weights: Optional[torch.Tensor] = None,
     weights: DeepSCLossWeights = DeepSCLossWeights(),
     seg_valid: Optional[torch.Tensor] = None,
+    seg_class_weights: Sequence[float] = (0.1, 1.0),
 ) -> Dict[str, torch.Tensor]:
     """All terms and their weighted sum under ``"total"`` (terms with weight 0 are skipped).
 
@@ -135,9 +136,9 @@ def deepsc_loss(
     keep = None if seg_valid is None else seg_valid > 0.5
     if weights.seg and (keep is None or bool(keep.any())):
         if keep is None or bool(keep.all()):
-            terms["seg"] = segmentation_loss(out.seg_logits, lesion, lung)
+            terms["seg"] = segmentation_loss(out.seg_logits, lesion, lung, seg_class_weights)
         else:
-            terms["seg"] = segmentation_loss(out.seg_logits[keep], lesion[keep], None if lung is None else lung[keep])
+            terms["seg"] = segmentation_loss(out.seg_logits[keep], lesion[keep], None if lung is None else lung[keep], seg_class_weights)
         total = total + weights.seg * terms["seg"]
     if weights.cls:
         terms["cls"] = classification_loss(out.cls_logits, label, class_weights)

@@ -175,7 +175,9 @@ def train(
                 outs = ddp_model(batch["patch"], batch["slices"], batch["box"])
             if options.bf16:  # losses in float32
                 outs = DeepSCOutputs(outs.seg_logits.float(), [o.float() for o in outs.deep_logits], outs.cls_logits.float(), [c.float() for c in outs.cams])
-            terms = deepsc_loss(outs, batch["lesion"], batch["lung"], batch["label"], batch["box"], class_weights, weights, batch["seg_valid"])
+            terms = deepsc_loss(
+                outs, batch["lesion"], batch["lung"], batch["label"], batch["box"], class_weights, weights, batch["seg_valid"], config.seg_class_weights
+            )
             optimizer.zero_grad(set_to_none=True)
             terms["total"].backward()
             optimizer.step()
