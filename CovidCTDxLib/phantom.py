@@ -28,6 +28,7 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -45,6 +46,7 @@ from .phantom_lesions import (
     smooth_noise,
     upsample_linear,
 )
+from .progress import Progress
 from .volume import CTVolume
 
 log = logging.getLogger(__name__)
@@ -641,6 +643,7 @@ def make_phantom(
     seed: int = 0,
     direction: Optional[np.ndarray] = None,
     noise_hu: float = 20.0,
+    progress: Optional[Progress] = None,
 ) -> Phantom:
     """Build a synthetic chest CT with ground truth.
 
@@ -654,6 +657,7 @@ def make_phantom(
         seed: everything random derives from ``numpy.random.default_rng(seed)``.
         direction: optional signed-permutation LPS direction (columns = i, j, k axes).
         noise_hu: standard deviation of the (correlated) image noise.
+        progress: optional progress reporter / cancel flag (raises CancelledError).
     """
     _check_kind(kind)
     shape = tuple(int(n) for n in shape)
@@ -692,6 +696,8 @@ def make_phantom(
     tex_c += (0.25 * (grid.y[0] + np.arange(shape_c[1]) * f[1] * cspacing[1]))[None, :, None].astype(np.float32)
     soft, air = _tube_fractions(grid, segments, _bronchi(segments))
     clock("vessels")
+    if progress is not None:
+        progress(0.1, "phantom: vessel trees")
 
     labels = np.empty(cshape, dtype=np.uint8)
     right = np.empty(cshape, dtype=bool)
@@ -704,72 +710,73 @@ def make_phantom(
             np.equal(labels[k], LUNG_R, out=right[k])
             np.equal(labels[k], LUNG_L, out=left[k])
 
-    pool = ThreadPoolExecutor(_WORKERS) if _WORKERS > 1 else None
     bounds = np.linspace(0, nz, _WORKERS + 1).astype(int)
-    _run(pool, label_slices, list(zip(bounds[:-1], bounds[1:])))
-    airways = labels == AIRWAY
-    body = np.empty(cshape, dtype=bool)
-    body[:] = _Anatomy(grid).body[None]
-    # In-plane box of the lungs: texture, vessels and lesions only matter there.
-    in_plane = _any_plane(right, left)
-    ys, xs = np.nonzero(in_plane.any(axis=1))[0], np.nonzero(in_plane.any(axis=0))[0]
-    yx = (slice(int(ys.min()), int(ys.max()) + 1), slice(int(xs.min()), int(xs.max()) + 1)) if ys.size else (
-        slice(0, 1), slice(0, 1))
-    clock("anatomy")
+    with (ThreadPoolExecutor(_WORKERS) if _WORKERS > 1 else nullcontext()) as pool:
+        _run(pool, label_slices, list(zip(bounds[:-1], bounds[1:])), progress, (0.1, 0.35), "phantom: anatomy")
+        airways = labels == AIRWAY
+        body = np.empty(cshape, dtype=bool)
+        body[:] = _Anatomy(grid).body[None]
+        # In-plane box of the lungs: texture, vessels and lesions only matter there.
+        in_plane = _any_plane(right, left)
+        ys, xs = np.nonzero(in_plane.any(axis=1))[0], np.nonzero(in_plane.any(axis=0))[0]
+        yx = (slice(int(ys.min()), int(ys.max()) + 1), slice(int(xs.min()), int(xs.max()) + 1)) if ys.size else (
+            slice(0, 1), slice(0, 1))
+        clock("anatomy")
 
-    grower = None
-    if kind != "normal":
-        grower = LesionGrower(kind, lvr, right, left, cspacing, grid.origin, np.eye(3), rng, pool=pool)
-    clock("lesion planning")
-    lesion = np.zeros(cshape, dtype=bool)
-    lesion_type = np.zeros(cshape, dtype=np.uint8)
-    lobes = np.zeros(cshape, dtype=np.uint8)
-    ct_array = np.empty(cshape, dtype=np.int16)
-    h_pv = float(np.prod(cspacing) ** (1.0 / 3.0))
-    sigma = _psf_sigma_vox(cspacing)
-    noise_scale = noise_hu / _noise_gain(sigma) / _INT8_STD
-    noise_seed = int(rng.integers(2**62))
-    plane = _fissure_plane(grid.y[yx[0]][:, None], grid.x[yx[1]][None, :])
+        grower = None
+        if kind != "normal":
+            grower = LesionGrower(kind, lvr, right, left, cspacing, grid.origin, np.eye(3), rng, pool=pool)
+        clock("lesion planning")
+        lesion = np.zeros(cshape, dtype=bool)
+        lesion_type = np.zeros(cshape, dtype=np.uint8)
+        lobes = np.zeros(cshape, dtype=np.uint8)
+        ct_array = np.empty(cshape, dtype=np.int16)
+        h_pv = float(np.prod(cspacing) ** (1.0 / 3.0))
+        sigma = _psf_sigma_vox(cspacing)
+        noise_scale = noise_hu / _noise_gain(sigma) / _INT8_STD
+        noise_seed = int(rng.integers(2**62))
+        plane = _fissure_plane(grid.y[yx[0]][:, None], grid.x[yx[1]][None, :])
 
-    def render(k0: int, k1: int) -> None:
-        """HU of slices k0..k1-1: tissues, lung texture, fissures, vessels, bronchi,
-        lesions, then scanner noise and blur."""
-        h = np.take(_HU, labels[k0:k1])
-        box = (slice(k0, k1),) + yx
-        hb = h[(slice(None),) + yx]
-        lung = right[box] | left[box]
-        np.add(hb, upsample_linear(tex_c, f, box), out=hb, where=lung)
-        lobes[box] = _lobes_and_fissures(hb, grid.z[k0:k1][:, None, None], plane, right[box], left[box], lung, h_pv)
-        _blend(hb, _HU[BLOOD], soft[box], lung, 1.0 / 255.0)
-        a = air[box]
-        if a.any():
-            _blend(hb, _HU[AIR], a, lung, 1.0 / 255.0)
-        if grower is not None:
-            air_full = np.zeros(h.shape, dtype=bool)
-            air_full[(slice(None),) + yx] = a > 128
-            lesion[k0:k1], lesion_type[k0:k1] = grower.apply(k0, k1, h, air=air_full)
-        ct_array[k0:k1] = _scanner(h, sigma, noise_scale, np.random.default_rng([noise_seed, k0]))
+        def render(k0: int, k1: int) -> None:
+            """HU of slices k0..k1-1: tissues, lung texture, fissures, vessels, bronchi,
+            lesions, then scanner noise and blur."""
+            h = np.take(_HU, labels[k0:k1])
+            box = (slice(k0, k1),) + yx
+            hb = h[(slice(None),) + yx]
+            lung = right[box] | left[box]
+            np.add(hb, upsample_linear(tex_c, f, box), out=hb, where=lung)
+            lobes[box] = _lobes_and_fissures(hb, grid.z[k0:k1][:, None, None], plane, right[box], left[box], lung, h_pv)
+            _blend(hb, _HU[BLOOD], soft[box], lung, 1.0 / 255.0)
+            a = air[box]
+            if a.any():
+                _blend(hb, _HU[AIR], a, lung, 1.0 / 255.0)
+            if grower is not None:
+                air_full = np.zeros(h.shape, dtype=bool)
+                air_full[(slice(None),) + yx] = a > 128
+                lesion[k0:k1], lesion_type[k0:k1] = grower.apply(k0, k1, h, air=air_full)
+            ct_array[k0:k1] = _scanner(h, sigma, noise_scale, np.random.default_rng([noise_seed, k0]))
 
-    step = max(1, 1_000_000 // (ny * nx))
-    _run(pool, render, [(k0, min(k0 + step, nz)) for k0 in range(0, nz, step)])
-    if pool is not None:
-        pool.shutdown()
-    clock("tissues, lesions, noise + PSF")
-    achieved = 100.0 * int(np.count_nonzero(lesion)) / grower.n_lung if grower is not None else 0.0
+        step = max(1, 1_000_000 // (ny * nx))
+        if progress is not None:
+            progress(0.45, "phantom: rendering")
+        _run(pool, render, [(k0, min(k0 + step, nz)) for k0 in range(0, nz, step)], progress, (0.45, 1.0),
+             "phantom: tissues, lesions, scanner noise")
+        clock("tissues, lesions, noise + PSF")
+        achieved = 100.0 * int(np.count_nonzero(lesion)) / grower.n_lung if grower is not None else 0.0
 
-    arrays = [ct_array, right, left, airways, body, lesion, lesion_type, lobes]
-    if perm is None:
-        ct = CTVolume(ct_array, spacing, grid.origin, np.eye(3))
-    else:
-        arrays = [_from_canonical(a, perm) for a in arrays]
-        centre = np.array([(n - 1) / 2.0 for n in shape[::-1]])  # (i, j, k)
-        origin = -(perm @ np.diag(spacing) @ centre)
-        ct = CTVolume(arrays[0], spacing, tuple(origin), perm)
-    ct.metadata.update({"source": "CovidCTDx phantom", "kind": kind, "seed": seed, "modality": "CT"})
-    clock("output")
-    log.debug("phantom timings: %s", clock.laps)
-    return Phantom(ct, arrays[1], arrays[2], arrays[3], arrays[4], arrays[5], arrays[6], KIND_LABELS[kind],
-                   sev, achieved, kind, seed, arrays[7], clock.laps)
+        arrays = [ct_array, right, left, airways, body, lesion, lesion_type, lobes]
+        if perm is None:
+            ct = CTVolume(ct_array, spacing, grid.origin, np.eye(3))
+        else:
+            arrays = [_from_canonical(a, perm) for a in arrays]
+            centre = np.array([(n - 1) / 2.0 for n in shape[::-1]])  # (i, j, k)
+            origin = -(perm @ np.diag(spacing) @ centre)
+            ct = CTVolume(arrays[0], spacing, tuple(origin), perm)
+        ct.metadata.update({"source": "CovidCTDx phantom", "kind": kind, "seed": seed, "modality": "CT"})
+        clock("output")
+        log.debug("phantom timings: %s", clock.laps)
+        return Phantom(ct, arrays[1], arrays[2], arrays[3], arrays[4], arrays[5], arrays[6], KIND_LABELS[kind],
+                       sev, achieved, kind, seed, arrays[7], clock.laps)
 
 
 class _Clock:
@@ -844,14 +851,32 @@ def _blend(h: np.ndarray, target: float, frac: np.ndarray, where: np.ndarray, sc
     np.add(h, t, out=h, where=where)
 
 
-def _run(pool: Optional[ThreadPoolExecutor], fn, ranges) -> None:
-    """Run fn(k0, k1) over slice ranges, on the pool if any (re-raising worker errors)."""
+def _run(pool: Optional[ThreadPoolExecutor], fn, ranges, progress: Optional[Progress] = None,
+         span: Tuple[float, float] = (0.0, 1.0), message: str = "") -> None:
+    """Run fn(k0, k1) over slice ranges, on the pool if any (re-raising worker errors).
+
+    Progress is reported (and cancellation checked) from the calling thread as ranges
+    complete; on cancel the pending ranges are dropped.
+    """
+    n = len(ranges)
+
+    def report(i: int) -> None:
+        if progress is not None:
+            progress(span[0] + (span[1] - span[0]) * (i + 1) / n, message)
+
     if pool is None:
-        for k0, k1 in ranges:
+        for i, (k0, k1) in enumerate(ranges):
             fn(k0, k1)
+            report(i)
         return
-    for fut in [pool.submit(fn, k0, k1) for k0, k1 in ranges]:
-        fut.result()
+    futures = [pool.submit(fn, k0, k1) for k0, k1 in ranges]
+    try:
+        for i, fut in enumerate(futures):
+            fut.result()
+            report(i)
+    finally:
+        for fut in futures:
+            fut.cancel()
 
 
 def _any_plane(right: np.ndarray, left: np.ndarray) -> np.ndarray:
@@ -887,6 +912,7 @@ def insert_lesions(
     kind: str,
     lvr_percent: float,
     seed: int = 0,
+    progress: Optional[Progress] = None,
 ) -> InsertedLesions:
     """Insert synthetic COVID-19 or CAP lesions into a real CT's lungs.
 
@@ -907,7 +933,10 @@ def insert_lesions(
     arr = src_arr.astype(out_dtype, copy=True)
     lesion = np.zeros(ct.shape, dtype=bool)
     lesion_type = np.zeros(ct.shape, dtype=np.uint8)
-    for k0, k1 in grower._chunks():
+    chunks = list(grower._chunks())
+    for i, (k0, k1) in enumerate(chunks):
+        if progress is not None:
+            progress(i / len(chunks), "inserting lesions")
         h = src_arr[k0:k1].astype(np.float32)
         lesion[k0:k1], lesion_type[k0:k1] = grower.apply(k0, k1, h)
         if out_dtype != np.float32:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from CovidCTDxLib.errors import InputError, VolumeTooLargeError
+from CovidCTDxLib.errors import CancelledError, InputError, VolumeTooLargeError
 from CovidCTDxLib.phantom import (
     CONSOLIDATION,
     GGO,
@@ -16,6 +16,7 @@ from CovidCTDxLib.phantom import (
     make_phantom,
     severity_from_lvr,
 )
+from CovidCTDxLib.progress import CancelToken, Progress
 from CovidCTDxLib.result import CLASS_KEYS, SEVERITY_KEYS
 from CovidCTDxLib.volume import LPS_LEFT, LPS_POSTERIOR, LPS_SUPERIOR, CTVolume
 
@@ -254,6 +255,17 @@ def test_flipped_direction_keeps_left_left():
     # Same physical positions: voxel (0, 0, 0) of p is the last in-plane voxel of ref.
     nz, ny, nx = ref.ct.shape
     assert np.allclose(p.ct.index_to_lps(np.array([0, 0, 0])), ref.ct.index_to_lps(np.array([nx - 1, ny - 1, 0])))
+
+
+def test_progress_and_cancel():
+    seen = []
+    make_phantom("cap", lvr_percent=4, progress=Progress(lambda f, m: seen.append(f)), **SMALL)
+    assert seen and seen[-1] == pytest.approx(1.0)
+    assert all(a <= b + 1e-9 for a, b in zip(seen, seen[1:]))
+    token = CancelToken()
+    token.cancel()
+    with pytest.raises(CancelledError):
+        make_phantom("covid", lvr_percent=4, progress=Progress(None, token), **SMALL)
 
 
 def test_bad_arguments_raise_input_error():
