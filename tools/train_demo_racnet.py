@@ -66,10 +66,13 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("CovidCTDxLib.phantom_lesions").setLevel(logging.WARNING)
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--minutes", type=float, default=9.0, help="training wall-time cap (data generation excluded)")
+    ap.add_argument("--minutes", type=float, default=11.0, help="training wall-time cap (phantom generation excluded)")
     ap.add_argument("--phantoms", type=int, default=144)
     ap.add_argument("--val-phantoms", type=int, default=24)
-    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--epochs", type=int, default=25)
+    ap.add_argument("--slice-size", type=int, default=64)
+    ap.add_argument("--slice-step-mm", type=float, default=12.0)
+    ap.add_argument("--cache", type=Path, default=None, help="phantom stack cache (reruns skip generation)")
     ap.add_argument("--held-out", type=int, default=36)
     ap.add_argument("--work", type=Path, default=None, help="checkpoint folder (default: a temporary one)")
     ap.add_argument("--out", type=Path, default=OUT)
@@ -82,7 +85,8 @@ def main() -> int:
     t0 = time.perf_counter()
     args = train_racnet.build_parser().parse_args([
         "--data", "phantoms", "--phantoms", str(a.phantoms), "--val-phantoms", str(a.val_phantoms),
-        "--epochs", str(a.epochs), "--slice-size", "128", "--batch-size", "4", "--lr", "2e-3",
+        "--epochs", str(a.epochs), "--slice-size", str(a.slice_size), "--slice-step-mm", str(a.slice_step_mm),
+        "--batch-size", "8", "--lr", "2e-3", *(["--cache", str(a.cache)] if a.cache else []),
         "--time-limit-min", str(a.minutes), "--out", str(work), "--weights-out", str(a.out),
         "--training-data", f"synthetic phantoms (CovidCTDxLib.phantom; {a.phantoms} training + {a.val_phantoms} validation; "
                            "severity from lesion volume ratio) — not for diagnosis",

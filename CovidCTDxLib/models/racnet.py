@@ -28,9 +28,11 @@ Design decisions (our reading of the abstract):
    fixed output capsules through shared transforms û_{j|i} = W_j u_i, coupling
    c_ij = softmax_j(b_ij), b_ij += û_{j|i}·v_j for ``routing_iters`` rounds. The K capsules
    are a fixed-size representation whatever the slice count. Padded slices get c_ij = 0.
-   Deviation from Sabour: s_j is the coupling-weighted **mean** over valid slices, not the
-   sum, so a 300-slice scan and a 30-slice scan of the same lungs give comparable capsule
-   lengths instead of saturating the squash (first half of the length alignment).
+   Deviation from Sabour: s_j is the coupling-weighted **mean** of the predictions
+   (Σ_i c_ij û_{j|i} / Σ_i c_ij), not the sum, so a 300-slice scan and a 30-slice scan of
+   the same lungs give comparable capsule lengths instead of saturating the squash (first
+   half of the length alignment). (A plain mean over slices would shrink every capsule by
+   ~1/K and the squash, ~|s|² for short vectors, would then erase the signal.)
 4. **Feature alignment** ("feature alignment … unifying the decision making over
    different input datasets"): two parts. (a) In the model, the flattened capsules are
    projected to an L-dim latent and standardised by a parameter-free LayerNorm, i.e.
@@ -51,7 +53,7 @@ round-off) whether it is run alone or padded in a batch; ``Testing/test_racnet.p
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +72,7 @@ class RACNetConfig:
     """Hyper-parameters that define the network (stored in the model card)."""
 
     backbone: str = "small"
+    encoder_widths: Tuple[int, ...] = (16, 32, 64, 96)
     slice_size: int = 128
     feature_dim: int = 128
     gru_hidden: int = 64
@@ -85,6 +88,8 @@ class RACNetConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "RACNetConfig":
         known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        if "encoder_widths" in known:
+            known["encoder_widths"] = tuple(int(w) for w in known["encoder_widths"])
         return cls(**known)
 
 
@@ -112,12 +117,12 @@ class DynamicRouting(nn.Module):
         """u: (B, T, in_dim); mask: (B, T) bool. Returns capsules v (B,K,C) and coupling c (B,T,K)."""
         u_hat = torch.einsum("kci,bti->btkc", self.W, u)  # (B, T, K, C)
         m = mask.to(u.dtype)[..., None]  # (B, T, 1)
-        n_valid = m.sum(dim=1).clamp_min(1.0)  # (B, 1)
         b = torch.zeros(u.shape[0], u.shape[1], self.capsules, dtype=u.dtype, device=u.device)
         v = c = None
         for it in range(self.iters):
             c = torch.softmax(b, dim=2) * m  # padded slices vote for nobody
-            s = (c[..., None] * u_hat).sum(dim=1) / n_valid[..., None]  # mean over valid slices
+            # coupling-weighted mean of the predictions (not Sabour's sum): length-invariant
+            s = (c[..., None] * u_hat).sum(dim=1) / c.sum(dim=1).clamp_min(1e-6)[..., None]
             v = squash(s)
             if it < self.iters - 1:
                 b = b + (u_hat * v[:, None]).sum(dim=-1)
@@ -130,10 +135,11 @@ class RACNet(nn.Module):
     def __init__(self, config: Optional[RACNetConfig] = None) -> None:
         super().__init__()
         self.config = cfg = config or RACNetConfig()
-        self.encoder = build_slice_encoder(cfg.backbone, in_channels=1, out_dim=cfg.feature_dim)
+        self.encoder = build_slice_encoder(cfg.backbone, in_channels=1, out_dim=cfg.feature_dim, widths=cfg.encoder_widths)
         self.gru = nn.GRU(cfg.feature_dim, cfg.gru_hidden, batch_first=True, bidirectional=True)
         self.routing = DynamicRouting(2 * cfg.gru_hidden, cfg.capsules, cfg.capsule_dim, cfg.routing_iters)
-        self.align = nn.Linear(cfg.capsules * cfg.capsule_dim, cfg.latent_dim)
+        # no bias: a constant offset would dominate the LayerNorm when capsules are short
+        self.align = nn.Linear(cfg.capsules * cfg.capsule_dim, cfg.latent_dim, bias=False)
         self.align_norm = nn.LayerNorm(cfg.latent_dim, elementwise_affine=False)
         self.covid_head = nn.Linear(cfg.latent_dim, len(COVID_KEYS))
         self.severity_head = nn.Linear(cfg.latent_dim, cfg.severity_classes)

@@ -25,6 +25,8 @@ Sources:
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import logging
 import re
 from dataclasses import dataclass
@@ -225,14 +227,32 @@ def phantom_item(index: int, seed: int, prep: SlicePrep, shape=PHANTOM_SHAPE, sp
     return ScanItem(stack, covid, sev, domain, f"phantom-{kind}-{severity or 'none'}-seed{seed}")
 
 
+def _cache_path(cache_dir: Path, index: int, seed: int, prep: SlicePrep, shape, spacing) -> Path:
+    key = json.dumps([index % len(PHANTOM_CYCLE), seed, prep.to_dict(), list(shape), list(spacing)], sort_keys=True)
+    return Path(cache_dir) / f"phantom_{seed}_{hashlib.sha1(key.encode()).hexdigest()[:12]}.npz"
+
+
 def make_phantom_items(
     n: int, seed: int, prep: SlicePrep, shape=PHANTOM_SHAPE, spacing=PHANTOM_SPACING,
-    rank: int = 0, world: int = 1, progress_every: int = 20,
+    rank: int = 0, world: int = 1, progress_every: int = 20, cache_dir: Optional[Path] = None,
 ) -> List[ScanItem]:
-    """``n`` phantoms with seeds ``seed, seed+1, …`` (this rank's share when distributed)."""
+    """``n`` phantoms with seeds ``seed, seed+1, …`` (this rank's share when distributed).
+
+    ``cache_dir`` keeps each prepared stack as ``.npz`` (keyed by kind, seed, preprocessing
+    and geometry), so a resumed or repeated run does not regenerate phantoms.
+    """
     items = []
     for i in range(rank, n, world):
-        items.append(phantom_item(i, seed + i, prep, shape, spacing))
+        path = _cache_path(cache_dir, i, seed + i, prep, shape, spacing) if cache_dir else None
+        if path is not None and path.exists():
+            with np.load(path) as z:
+                items.append(ScanItem(z["stack"], int(z["covid"]), int(z["severity"]), 0, str(z["name"])))
+        else:
+            it = phantom_item(i, seed + i, prep, shape, spacing)
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                np.savez(path, stack=it.stack, covid=it.covid, severity=it.severity, name=it.name)
+            items.append(it)
         if progress_every and len(items) % progress_every == 0:
             log.info("phantoms: %d/%d", len(items) * world, n)
     return items

@@ -69,9 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--phantoms", type=int, default=144, help="training phantoms")
     d.add_argument("--val-phantoms", type=int, default=24, help="held-out phantoms (seeds ≥ 100000)")
     d.add_argument("--phantom-seed", type=int, default=1000)
+    d.add_argument("--cache", type=Path, default=None, help="folder caching prepared phantom stacks (.npz)")
     m = p.add_argument_group("model")
     m.add_argument("--backbone", choices=("small", "resnet50"), default="small")
     m.add_argument("--slice-size", type=int, default=128)
+    m.add_argument("--encoder-widths", default="16,32,64,96", help="small CNN stage widths")
     m.add_argument("--slice-step-mm", type=float, default=0.0, help="thin slices to at least this spacing (0 = all)")
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=int, default=20)
@@ -97,8 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
 def load_data(args: argparse.Namespace, prep: SlicePrep, ctx: common.DistContext):
     """(train items, validation items, description, synthetic) for this rank."""
     if args.data == "phantoms":
-        train = make_phantom_items(args.phantoms, args.phantom_seed, prep, rank=ctx.rank, world=ctx.world_size)
-        val = make_phantom_items(args.val_phantoms, HELD_OUT_SEED, prep, rank=ctx.rank, world=ctx.world_size)
+        train = make_phantom_items(args.phantoms, args.phantom_seed, prep, rank=ctx.rank, world=ctx.world_size, cache_dir=args.cache)
+        val = make_phantom_items(args.val_phantoms, HELD_OUT_SEED, prep, rank=ctx.rank, world=ctx.world_size, cache_dir=args.cache)
         desc = f"synthetic phantoms ({args.phantoms} training, seeds {args.phantom_seed}+; severity from lesion volume ratio)"
         return train, val, desc, True
     if args.data == "cov19ctdb":
@@ -198,7 +200,8 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, ctx: common.DistContext) -> int:
     rng = common.seed_everything(args.seed, ctx.rank)
     prep = SlicePrep(size=args.slice_size, slice_step_mm=args.slice_step_mm)
-    cfg = RACNetConfig(backbone=args.backbone, slice_size=args.slice_size)
+    cfg = RACNetConfig(backbone=args.backbone, slice_size=args.slice_size,
+                       encoder_widths=tuple(int(w) for w in args.encoder_widths.split(",")))
     t_data = time.perf_counter()
     train_items, val_items, data_desc, synthetic = load_data(args, prep, ctx)
     data_s = time.perf_counter() - t_data
