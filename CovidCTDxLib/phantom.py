@@ -694,10 +694,7 @@ def make_phantom(
     shape_c = tuple(-(-(n - 1) // fa) + 1 for n, fa in zip(cshape, f))
     tex_c = 12.0 * smooth_noise(rng, shape_c, (1.0, 1.0, 1.0))
     tex_c += (0.25 * (grid.y[0] + np.arange(shape_c[1]) * f[1] * cspacing[1]))[None, :, None].astype(np.float32)
-    soft, air = _tube_fractions(grid, segments, _bronchi(segments))
-    clock("vessels")
-    if progress is not None:
-        progress(0.1, "phantom: vessel trees")
+    clock("vessel trees")
 
     labels = np.empty(cshape, dtype=np.uint8)
     right = np.empty(cshape, dtype=bool)
@@ -710,9 +707,13 @@ def make_phantom(
             np.equal(labels[k], LUNG_R, out=right[k])
             np.equal(labels[k], LUNG_L, out=left[k])
 
-    bounds = np.linspace(0, nz, _WORKERS + 1).astype(int)
+    bounds = np.linspace(0, nz, 4 * _WORKERS + 1).astype(int)
     with (ThreadPoolExecutor(_WORKERS) if _WORKERS > 1 else nullcontext()) as pool:
-        _run(pool, label_slices, list(zip(bounds[:-1], bounds[1:])), progress, (0.1, 0.35), "phantom: anatomy")
+        # Vessel rasterisation (Python-heavy) overlaps the anatomy and lesion planning
+        # (numpy-heavy, releasing the GIL); rendering waits for it.
+        tubes = (pool.submit(_tube_fractions, grid, segments, _bronchi(segments)) if pool is not None
+                 else _Done(_tube_fractions(grid, segments, _bronchi(segments))))
+        _run(pool, label_slices, list(zip(bounds[:-1], bounds[1:])), progress, (0.0, 0.35), "phantom: anatomy")
         airways = labels == AIRWAY
         body = np.empty(cshape, dtype=bool)
         body[:] = _Anatomy(grid).body[None]
@@ -736,6 +737,10 @@ def make_phantom(
         noise_scale = noise_hu / _noise_gain(sigma) / _INT8_STD
         noise_seed = int(rng.integers(2**62))
         plane = _fissure_plane(grid.y[yx[0]][:, None], grid.x[yx[1]][None, :])
+        soft, air = tubes.result()
+        clock("vessels (rest)")
+
+        n_lesion: Dict[int, int] = {}
 
         def render(k0: int, k1: int) -> None:
             """HU of slices k0..k1-1: tissues, lung texture, fissures, vessels, bronchi,
@@ -753,7 +758,7 @@ def make_phantom(
             if grower is not None:
                 air_full = np.zeros(h.shape, dtype=bool)
                 air_full[(slice(None),) + yx] = a > 128
-                lesion[k0:k1], lesion_type[k0:k1] = grower.apply(k0, k1, h, air=air_full)
+                n_lesion[k0] = grower.apply(k0, k1, h, lesion, lesion_type, air=air_full)
             ct_array[k0:k1] = _scanner(h, sigma, noise_scale, np.random.default_rng([noise_seed, k0]))
 
         step = max(1, 1_000_000 // (ny * nx))
@@ -762,7 +767,7 @@ def make_phantom(
         _run(pool, render, [(k0, min(k0 + step, nz)) for k0 in range(0, nz, step)], progress, (0.45, 1.0),
              "phantom: tissues, lesions, scanner noise")
         clock("tissues, lesions, noise + PSF")
-        achieved = 100.0 * int(np.count_nonzero(lesion)) / grower.n_lung if grower is not None else 0.0
+        achieved = 100.0 * sum(n_lesion.values()) / grower.n_lung if grower is not None else 0.0
 
         arrays = [ct_array, right, left, airways, body, lesion, lesion_type, lobes]
         if perm is None:
@@ -777,6 +782,16 @@ def make_phantom(
         log.debug("phantom timings: %s", clock.laps)
         return Phantom(ct, arrays[1], arrays[2], arrays[3], arrays[4], arrays[5], arrays[6], KIND_LABELS[kind],
                        sev, achieved, kind, seed, arrays[7], clock.laps)
+
+
+class _Done:
+    """A finished 'future' for the single-threaded path."""
+
+    def __init__(self, value) -> None:
+        self.value = value
+
+    def result(self):
+        return self.value
 
 
 class _Clock:
@@ -934,15 +949,16 @@ def insert_lesions(
     lesion = np.zeros(ct.shape, dtype=bool)
     lesion_type = np.zeros(ct.shape, dtype=np.uint8)
     chunks = list(grower._chunks())
+    n_lesion = 0
     for i, (k0, k1) in enumerate(chunks):
         if progress is not None:
             progress(i / len(chunks), "inserting lesions")
         h = src_arr[k0:k1].astype(np.float32)
-        lesion[k0:k1], lesion_type[k0:k1] = grower.apply(k0, k1, h)
+        n_lesion += grower.apply(k0, k1, h, lesion, lesion_type)
         if out_dtype != np.float32:
             np.clip(h, np.iinfo(out_dtype).min, np.iinfo(out_dtype).max, out=h)
             np.rint(h, out=h)
         arr[k0:k1] = h
-    achieved = 100.0 * int(np.count_nonzero(lesion)) / grower.n_lung
+    achieved = 100.0 * n_lesion / grower.n_lung
     new_ct = ct.with_array(arr, lesions_inserted=kind, lesion_seed=seed)
     return InsertedLesions(new_ct, lesion, lesion_type, achieved)
