@@ -10,10 +10,11 @@ the chest), sampled on any grid, so the same anatomy appears at any spacing or s
   posterior elements);
 - mediastinum with heart, aorta, pulmonary trunk/arteries, SVC, oesophagus; the lungs meet
   at a narrow anterior junction;
-- two lungs (~-850 HU, gravity gradient and texture); the right one bigger (the heart sits
-  left, the right dome of the diaphragm is higher but the left lung has the cardiac notch);
-- trachea and main bronchi (air with walls), branching vessel trees thinning to the
-  periphery;
+- two lungs (~-870 HU, denser posteriorly, lobular texture) separated by the mediastinum;
+  the right one bigger (three lobes; the left has two and the cardiac notch), with
+  oblique and horizontal fissures and ground-truth lobe labels;
+- trachea and main bronchi (air with walls), branching artery/vein trees thinning to the
+  periphery, bronchi beside the arteries;
 - scanner-like noise (correlated through the reconstruction blur) and blur (PSF);
 - lesions (``phantom_lesions``) following the DeepSC-COVID findings, grown to an exact
   lesion volume ratio.
@@ -67,22 +68,24 @@ __all__ = [
     "CONSOLIDATION",
 ]
 
-#: Lesion volume ratio (% of both lungs) bands per severity grade.
-#: Rationale: the usual chest CT severity score rates each of the 5 lobes 0-5 by the
-#: fraction involved (1: <5 %, 2: 5-25 %, 3: 25-50 %, 4: 50-75 %, 5: >75 %); whole-lung
-#: involvement below ~5 % is read as mild, 5-15 % moderate, 15-30 % severe and above
-#: ~30 % critical (diffuse disease, respiratory failure likely). The DeepSC-COVID means
-#: (COVID 14.3 %, CAP 4.4 %) then fall in "moderate" and "mild", as clinically expected.
-#: The bands also match the four RACNet / COV19-CT-DB severity classes.
+#: Lesion volume ratio (% of both lungs) bands per severity grade -- the project's own
+#: convention, not taken from the papers (RACNet / COV19-CT-DB give the four class names,
+#: not thresholds). Rationale: the common chest CT severity score rates each of the 5
+#: lobes 0-5 by the fraction involved (1: <5 %, 2: 5-25 %, 3: 26-49 %, 4: 50-75 %,
+#: 5: >75 %); involvement of <5 % of the lungs is a score of ~5 or less (mild), 5-15 % is
+#: lobes at grade 2 (moderate), 15-30 % needs grade 2-3 in most lobes (severe), above
+#: 30 % is diffuse disease (critical). The DeepSC-COVID means (COVID 14.3 %, CAP 4.4 %)
+#: then read as "moderate" and "mild".
 SEVERITY_LVR_PERCENT = {"mild": (1.0, 5.0), "moderate": (5.0, 15.0), "severe": (15.0, 30.0), "critical": (30.0, 50.0)}
 
 #: Phantom kind -> classification label (result.CLASS_KEYS).
 KIND_LABELS = {"covid": "covid19", "cap": "cap", "normal": "non_pneumonia"}
 
+#: Default grid: 384 x 384 x 336 mm, the whole chest at 2 x 2 x 3.5 mm.
 DEFAULT_SHAPE = (96, 192, 192)
-#: Largest grid make_phantom builds (~14 bytes/voxel at peak: 2.2 GB for 512x512x600).
-MAX_VOXELS = 512 * 512 * 600
 DEFAULT_SPACING = (2.0, 2.0, 3.5)
+#: Largest grid make_phantom builds (peak RSS ~13 bytes/voxel: ~2 GB for 512x512x600).
+MAX_VOXELS = 512 * 512 * 600
 
 
 def severity_from_lvr(lvr_percent: float) -> str:
@@ -667,7 +670,7 @@ def make_phantom(
     n_vox = int(np.prod(shape))
     if n_vox > MAX_VOXELS:
         raise VolumeTooLargeError(
-            f"A {shape} phantom has {n_vox / 1e6:.0f} M voxels and would need ~{n_vox * 14 / 2**30:.1f} GB; "
+            f"A {shape} phantom has {n_vox / 1e6:.0f} M voxels and would need ~{n_vox * 13 / 2**30:.1f} GB; "
             f"the limit is {MAX_VOXELS / 1e6:.0f} M voxels (e.g. 512x512x600). Use a coarser spacing."
         )
     perm = _permutation(direction)
