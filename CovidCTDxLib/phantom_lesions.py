@@ -47,7 +47,7 @@ COARSE_MM = 2.5
 #: Field value at the edge of a lesion's bounding box; the threshold must stay below it
 #: (minus the noise amplitude) or lesions would show their boxes.
 _BOX_EDGE = 2.3
-_NOISE_AMPLITUDE = 0.22
+_NOISE_AMPLITUDE = 0.16
 _MAX_THRESHOLD = 1.55
 
 
@@ -326,7 +326,7 @@ def _rasterize_fields(
             u = (p.axes[0, ax] * rel[0] + p.axes[1, ax] * rel[1] + p.axes[2, ax] * rel[2]) / radii[ax]
             d2 += u * u
         spacing_c = np.abs(geom_c.spacing)
-        sigma = np.clip(0.35 * radii.min() / spacing_c[::-1], 0.8, 6.0)
+        sigma = np.clip(0.45 * radii.min() / spacing_c[::-1], 0.8, 6.0)
         noise = smooth_noise(rng, d2.shape, sigma)
         np.clip(noise, -2.5, 2.5, out=noise)
         f = np.sqrt(d2) + _NOISE_AMPLITUDE * noise
