@@ -257,8 +257,10 @@ class _Canonical:
         self.origin = (float(self.x[0]), float(self.y[0]), float(self.z[0]))
 
     def index_range(self, coord: np.ndarray, lo: float, hi: float) -> Optional[slice]:
-        i0 = int(np.searchsorted(coord, lo, side="left"))
-        i1 = int(np.searchsorted(coord, hi, side="right"))
+        """Slice of the indices whose coordinate lies in [lo, hi] (uniform grid: arithmetic)."""
+        c0, step, n = float(coord[0]), float(coord[1] - coord[0]) if len(coord) > 1 else 1.0, len(coord)
+        i0 = max(int(np.ceil((lo - c0) / step - 1e-6)), 0)
+        i1 = min(int(np.floor((hi - c0) / step + 1e-6)) + 1, n)
         return slice(i0, i1) if i1 > i0 else None
 
     def index_box(self, lo: np.ndarray, hi: np.ndarray) -> Optional[Tuple[slice, slice, slice]]:
