@@ -153,14 +153,19 @@ def prepare_scan(
     return PreparedScan(vol.contiguous(), lung_m.contiguous(), crop, shape, out_extras)
 
 
-def slice_stack(volume: torch.Tensor, config: DeepSCConfig) -> torch.Tensor:
+def slice_stack(volume: torch.Tensor, config: DeepSCConfig, offsets: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(1, S, c, c) classification input: S slices evenly spaced over z, resized in-plane.
 
     Slice i is the one at the centre of the i-th of S equal z-intervals, matching the
-    ``align_corners=False`` convention of the patch boxes.
+    ``align_corners=False`` convention of the patch boxes. ``offsets`` (S values in
+    [-0.5, 0.5), training only) move each pick within its interval, so the classifier
+    sees different slices of the same scan instead of memorising one fixed stack.
     """
     z = volume.shape[0]
-    idx = ((torch.arange(config.cls_slices, dtype=torch.float64) + 0.5) * z / config.cls_slices).long().clamp_(0, z - 1)
+    pos = torch.arange(config.cls_slices, dtype=torch.float64) + 0.5
+    if offsets is not None:
+        pos = pos + offsets.double()
+    idx = (pos * z / config.cls_slices).long().clamp_(0, z - 1)
     sl = volume[idx][None]  # (1, S, Y, X)
     sl = F.interpolate(sl, size=(config.cls_size, config.cls_size), mode="bilinear", align_corners=False, antialias=True)
     return sl  # (C=1, S, c, c): one dataset sample; batch it as (N, 1, S, c, c)

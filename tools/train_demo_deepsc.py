@@ -47,9 +47,9 @@ SPACING = (2.5, 2.5, 4.0)
 A0001 = REPO.parent / "shared" / "data" / "lung-pet-ct-dx-A0001"
 
 TRAIN_SPECS = [
-    ("covid", "mild"), ("covid", "moderate"), ("covid", "severe"), ("covid", "critical"),
-    ("cap", "mild"), ("cap", "moderate"), ("cap", "mild"), ("cap", "moderate"),
-    ("normal", None), ("normal", None), ("normal", None), ("normal", None),
+    ("covid", "mild"), ("covid", "mild"), ("covid", "moderate"), ("covid", "severe"), ("covid", "critical"),
+    ("cap", "mild"), ("cap", "mild"), ("cap", "moderate"), ("cap", "moderate"), ("cap", "severe"),
+    ("normal", None), ("normal", None), ("normal", None), ("normal", None), ("normal", None),
 ]  # fmt: skip
 #: Held-out seeds: far from the training seeds; the test in Testing/ uses others again.
 HELD_OUT = [("covid", "moderate", 9001), ("cap", "mild", 9002), ("normal", None, 9003), ("covid", "severe", 9004), ("cap", "moderate", 9005), ("normal", None, 9006)]
@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--minutes", type=float, default=20.0, help="wall-time budget for the whole script")
     ap.add_argument("--out", type=Path, default=REPO / "Resources" / "weights")
-    ap.add_argument("--repeats", type=int, default=2, help="phantom sets of 12 (4 COVID, 4 CAP, 4 normal)")
+    ap.add_argument("--repeats", type=int, default=2, help="phantom sets of 15 (5 COVID, 5 CAP, 5 normal)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", type=Path, default=None, help="checkpoint folder (default: temporary)")
     ap.add_argument(

@@ -82,7 +82,7 @@ class DeepSCConfig:
     @classmethod
     def cpu(cls) -> "DeepSCConfig":
         """The CPU configuration used by the demo weights (same code, smaller numbers)."""
-        return cls(width=8, patch_size=(16, 64, 64), cls_slices=16, cls_size=64, spacing=(2.5, 2.5, 4.0))
+        return cls(width=8, patch_size=(16, 64, 64), cls_slices=32, cls_size=64, spacing=(2.5, 2.5, 4.0))
 
     def to_dict(self) -> Dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}

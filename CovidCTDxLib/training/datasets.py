@@ -245,6 +245,7 @@ class PatchDataset(Dataset):
         patches_per_case: int = 4,
         lesion_fraction: float = LESION_PATCH_FRACTION,
         seed: int = 0,
+        augment: bool = True,
     ) -> None:
         if not cases:
             raise InputError("No training cases.")
@@ -253,6 +254,7 @@ class PatchDataset(Dataset):
         self.patches_per_case = patches_per_case
         self.lesion_fraction = lesion_fraction
         self.seed = seed
+        self.augment = augment
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -280,7 +282,28 @@ class PatchDataset(Dataset):
         case = self.cases[index % len(self.cases)]
         rng = np.random.default_rng([self.seed, self.epoch, index])
         start = self._start(case, rng)
-        return crop_sample(case, start, self.config.patch_size)
+        sample = crop_sample(case, start, self.config.patch_size)
+        if self.augment:
+            offsets = torch.from_numpy(rng.uniform(-0.5, 0.5, self.config.cls_slices))
+            sample["slices"] = slice_stack(case.scan.volume, self.config, offsets)
+            if rng.random() < 0.5:
+                sample = flip_x(sample)
+        return sample
+
+
+def flip_x(sample: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Mirror a sample left-right (patch, masks, slice stack and box stay consistent).
+
+    Why: lesion patterns are not side-specific, and mirrored chests double the variety
+    the classifier sees from a few training scans.
+    """
+    out = dict(sample)
+    for k in ("patch", "lesion", "lung", "slices"):
+        out[k] = torch.flip(sample[k], dims=(-1,))
+    b = sample["box"].clone()
+    b[4], b[5] = 1 - sample["box"][5], 1 - sample["box"][4]
+    out["box"] = b
+    return out
 
 
 def crop_sample(case: PreparedCase, start: Sequence[int], patch_size: Sequence[int]) -> Dict[str, torch.Tensor]:
