@@ -148,10 +148,13 @@ def segment_lungs(
         method = "classical"
     report(0.85, "Lung masking: full resolution")
     right, left = _paste_lungs(labels, hu.shape, grid)
-    airways_full = _paste_nearest(airways, hu.shape, grid.factors) & ~(right | left)
-    body_full = _paste_nearest(body, hu.shape, grid.factors)
-    body_full |= right
-    body_full |= left
+    airways_full = _paste_nearest(airways, hu.shape, grid.factors)
+    box = _bbox(airways_full, (0, 0, 0))
+    if box is not None:  # only where the airways are: full-size passes are the cost here
+        airways_full[box] &= ~(right[box] | left[box])
+    # The body holds the lungs: the coarse lungs dilated by one voxel cover their
+    # interpolated full-resolution outline.
+    body_full = _paste_nearest(body | _dilate(labels > 0, 1), hu.shape, grid.factors)
     masks = LungMasks(
         right=frame.from_canonical(right),
         left=frame.from_canonical(left),
@@ -226,15 +229,27 @@ def _ball(radius_mm: float, spacing_zyx) -> Tuple[int, int, int]:
 
 
 def _dilate(mask: np.ndarray, radius_vox: int) -> np.ndarray:
-    img = sitk.GetImageFromArray(mask.astype(np.uint8))
-    return sitk.GetArrayFromImage(sitk.BinaryDilate(img, [radius_vox] * 3, sitk.sitkBall)).astype(bool)
+    """Ball dilation, computed on the mask's bounding box grown by the radius."""
+    out = mask.copy()
+    box = _bbox(mask, [radius_vox] * 3)
+    if box is None:
+        return out
+    img = sitk.GetImageFromArray(mask[box].astype(np.uint8))
+    out[box] = sitk.GetArrayViewFromImage(sitk.BinaryDilate(img, [radius_vox] * 3, sitk.sitkBall)).view(bool)
+    return out
 
 
 def _fill_holes_2d(mask: np.ndarray) -> np.ndarray:
-    """Fill holes in every axial slice (structure without z connectivity)."""
+    """Fill holes in every axial slice (structure without z connectivity), on the mask's
+    bounding box (a hole never lies outside it)."""
+    out = mask.copy()
+    box = _bbox(mask, (0, 0, 0))
+    if box is None:
+        return out
     structure = np.zeros((3, 3, 3), bool)
     structure[1] = ndi.generate_binary_structure(2, 1)
-    return ndi.binary_fill_holes(mask, structure=structure)
+    out[box] = ndi.binary_fill_holes(mask[box], structure=structure)
+    return out
 
 
 def _components(mask: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -419,7 +434,8 @@ def _split_left_right(lungs: np.ndarray, body: np.ndarray, sides: _SideNamer, gr
         raise LungsNotFoundError(
             f"No lung region of at least {MIN_LUNG_COMPONENT_ML:.0f} mL was left after removing the airways."
         )
-    if len(big) >= 2 and sizes[big[1]] >= 0.1 * sizes[big[0]]:
+    separate = len(big) >= 2 and sizes[big[1]] >= 0.1 * sizes[big[0]]
+    if separate:
         markers = np.zeros(labels.shape, np.int32)
         markers[labels == big[0]] = 1
         markers[labels == big[1]] = 2
@@ -430,8 +446,10 @@ def _split_left_right(lungs: np.ndarray, body: np.ndarray, sides: _SideNamer, gr
         side = 2 if sides.left_mm(markers > 0) > sides.left_mm(body) else 1
         out[lungs] = side
         return out
-    dist = ndi.distance_transform_edt(lungs, sampling=grid.spacing_zyx)
-    grown = watershed(-dist, markers, mask=lungs)
+    if separate:  # two components already: nothing to regrow
+        grown = markers
+    else:
+        grown = watershed(-_inside_distance(lungs, grid.spacing_zyx), markers, mask=lungs)
     # Pieces not connected to either lung go to the side whose centroid is nearer in x.
     rest = lungs & (grown == 0)
     if rest.any():
@@ -448,7 +466,7 @@ def _split_left_right(lungs: np.ndarray, body: np.ndarray, sides: _SideNamer, gr
 
 def _erode_until_two(lung: np.ndarray, grid: _Grid) -> np.ndarray:
     """Markers (1, 2) of two lungs found by eroding a joined mask; one marker if none."""
-    dist = ndi.distance_transform_edt(lung, sampling=grid.spacing_zyx)
+    dist = _inside_distance(lung, grid.spacing_zyx)
     step = min(grid.spacing_zyx[1:])
     d = step
     while d < dist.max():
@@ -460,6 +478,16 @@ def _erode_until_two(lung: np.ndarray, grid: _Grid) -> np.ndarray:
             return markers
         d += step
     return lung.astype(np.int32)
+
+
+def _inside_distance(mask: np.ndarray, spacing_zyx) -> np.ndarray:
+    """Distance (mm) of every voxel inside ``mask`` to its border, 0 outside.
+
+    SimpleITK's Maurer transform is multithreaded (scipy's EDT is not)."""
+    img = sitk.GetImageFromArray(mask.astype(np.uint8))
+    img.SetSpacing([float(s) for s in reversed(spacing_zyx)])
+    dist = sitk.SignedMaurerDistanceMap(img, insideIsPositive=True, squaredDistance=False, useImageSpacing=True)
+    return np.maximum(sitk.GetArrayFromImage(dist), 0.0)
 
 
 # --------------------------------------------------------------------------- dense disease
@@ -487,13 +515,30 @@ def _fill_disease(labels, coarse, body, airways, grid) -> np.ndarray:
 
 def _close_mm(mask: np.ndarray, radius_mm: float, spacing_zyx) -> np.ndarray:
     """Binary closing by a ball of ``radius_mm`` via two distance maps (cost independent
-    of the radius, unlike a structuring-element closing)."""
-    img = sitk.GetImageFromArray(mask.astype(np.uint8))
+    of the radius, unlike a structuring-element closing), computed only on the mask's
+    bounding box grown by the radius (a closing never reaches further)."""
+    box = _bbox(mask, [int(np.ceil(radius_mm / s)) + 1 for s in spacing_zyx])
+    out = mask.copy()
+    if box is None:
+        return out
+    img = sitk.GetImageFromArray(mask[box].astype(np.uint8))
     img.SetSpacing([float(s) for s in reversed(spacing_zyx)])
     dist_out = sitk.SignedMaurerDistanceMap(img, insideIsPositive=False, squaredDistance=False, useImageSpacing=True)
     dilated = dist_out <= radius_mm
     dist_in = sitk.SignedMaurerDistanceMap(dilated, insideIsPositive=True, squaredDistance=False, useImageSpacing=True)
-    return sitk.GetArrayFromImage(dist_in >= radius_mm).astype(bool) | mask
+    out[box] |= sitk.GetArrayViewFromImage(dist_in >= radius_mm).astype(bool)
+    return out
+
+
+def _bbox(mask: np.ndarray, margin) -> Optional[Tuple[slice, slice, slice]]:
+    """Bounding box of ``mask`` grown by ``margin`` voxels per axis (clipped), or None."""
+    if not mask.any():
+        return None
+    out = []
+    for axis, (n, m) in enumerate(zip(mask.shape, margin)):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        out.append(slice(max(0, hit[0] - m), min(n, hit[-1] + m + 1)))
+    return tuple(out)
 
 
 # --------------------------------------------------------------------------- model hook
@@ -529,17 +574,27 @@ def _paste_lungs(labels: np.ndarray, shape, grid: _Grid) -> Tuple[np.ndarray, np
             img.SetOrigin([float(v) for v in (lo * f + (f - 1) / 2.0)[::-1]])
             flo = lo * f
             fhi = np.minimum(hi * f, np.array(shape))
-            ref = sitk.Image([int(v) for v in (fhi - flo)[::-1]], sitk.sitkUInt8)
-            ref.SetOrigin([float(v) for v in flo[::-1]])
-            res = sitk.Resample(img, ref, sitk.Transform(), sitk.sitkLinear, 0.0)
-            full[flo[0]:fhi[0], flo[1]:fhi[1], flo[2]:fhi[2]] = sitk.GetArrayViewFromImage(res) > 100
+            res = sitk.Resample(
+                img, [int(v) for v in (fhi - flo)[::-1]], sitk.Transform(), sitk.sitkLinear,
+                [float(v) for v in flo[::-1]], [1.0, 1.0, 1.0], [1, 0, 0, 0, 1, 0, 0, 0, 1], 0.0, sitk.sitkUInt8,
+            )
+            inside = sitk.BinaryThreshold(res, 101, 255, 1, 0)  # multithreaded, uint8 0/1
+            full[flo[0]:fhi[0], flo[1]:fhi[1], flo[2]:fhi[2]] = sitk.GetArrayViewFromImage(inside).view(bool)
         out.append(full)
     return out[0], out[1]
 
 
 def _paste_nearest(mask: np.ndarray, shape, factors) -> np.ndarray:
-    """Nearest-neighbour upsampling by block replication, cropped to the full shape."""
-    fz, fy, fx = factors
-    nz, ny, nx = mask.shape
-    big = np.broadcast_to(mask[:, None, :, None, :, None], (nz, fz, ny, fy, nx, fx)).reshape(nz * fz, ny * fy, nx * fx)
-    return np.array(big[: shape[0], : shape[1], : shape[2]], dtype=bool, order="C")  # writable
+    """Nearest-neighbour upsampling by block replication, cropped to the full shape.
+
+    One broadcast write into the block view of a (padded) output, only over the mask's
+    bounding box: no intermediate full-size copies.
+    """
+    f = tuple(int(v) for v in factors)
+    n = mask.shape
+    padded = np.zeros(tuple(a * b for a, b in zip(n, f)), bool)
+    box = _bbox(mask, (0, 0, 0))
+    if box is not None:
+        blocks = padded.reshape(n[0], f[0], n[1], f[1], n[2], f[2])  # a view
+        blocks[box[0], :, box[1], :, box[2], :] = mask[box][:, None, :, None, :, None]
+    return padded[: shape[0], : shape[1], : shape[2]]
