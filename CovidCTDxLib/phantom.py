@@ -953,7 +953,7 @@ def insert_lesions(
     arr = src_arr.astype(out_dtype, copy=True)
     lesion = np.zeros(ct.shape, dtype=bool)
     lesion_type = np.zeros(ct.shape, dtype=np.uint8)
-    chunks = list(grower._chunks())
+    chunks = list(grower.chunks())
     n_lesion = 0
     for i, (k0, k1) in enumerate(chunks):
         if progress is not None:

@@ -342,11 +342,12 @@ def _rasterize_fields(
 class LesionGrower:
     """Plans lesions for a lung mask and grows them to an exact lesion volume ratio.
 
-    Usage: ``g = LesionGrower(...)`` plans and finds the threshold (one streaming pass
-    over the lungs); then ``g.apply(k0, k1, hu_chunk)`` for consecutive slice chunks
-    writes the lesion masks and the lesion densities into ``hu_chunk`` (float32 HU of
-    slices k0..k1-1). Working in slice chunks avoids full-volume float temporaries, whose
-    allocation alone costs seconds at 512x512x300.
+    Usage: ``g = LesionGrower(...)`` plans the lesions and finds the field threshold (a
+    streamed pass over the lesion box); then ``g.apply(k0, k1, hu, lesion, lesion_type)``
+    for slice chunks (e.g. ``g.chunks()``, in any order or in parallel) writes the lesion
+    masks and the lesion densities into ``hu`` (float32 HU of slices k0..k1-1). Working in
+    slice chunks avoids full-volume float temporaries, whose first allocation alone costs
+    seconds at 512x512x300 on this machine.
     """
 
     CHUNK_VOXELS = 2_000_000
@@ -451,7 +452,8 @@ class LesionGrower:
             self.ret_c[cbox] = smooth_noise(np.random.default_rng(self.field_seed + 1),
                                             tuple(s.stop - s.start for s in cbox), sig)
 
-    def _chunks(self):
+    def chunks(self):
+        """(k0, k1) slice ranges covering the lesions' bounding box."""
         (z0, z1), (y0, y1), (x0, x1) = self.box
         step = max(1, self.CHUNK_VOXELS // max((y1 - y0) * (x1 - x0), 1))
         for k0 in range(z0, z1, step):
@@ -465,9 +467,9 @@ class LesionGrower:
     def _threshold(self) -> Tuple[float, int]:
         """k-th smallest field value inside the lungs, by a streamed fine histogram.
 
-        Returns (threshold, voxels available below the field's ceiling), in units of the
-        grid it samples: on fine grids (coarse factor even) every 2nd voxel per such axis,
-        i.e. 1/8 of the work, still ~1 mm sampling so the LVR is hit to well under 1 %.
+        Samples every 2nd voxel along axes whose coarse factor is even (fine grids): 1/8 of
+        the work, still ~1-1.5 mm sampling, so the LVR is hit to well under 1 %. Returns
+        (threshold, estimated full-grid voxels available below the field's ceiling).
         Returns a threshold of _MAX_THRESHOLD when the fields cannot supply the target.
         """
         width = (_MAX_THRESHOLD - self._FLO) / self._NBINS
