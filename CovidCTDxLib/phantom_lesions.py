@@ -459,9 +459,22 @@ class LesionGrower:
         for k0 in range(z0, z1, step):
             yield k0, min(k0 + step, z1)
 
-    def _field(self, k0: int, k1: int) -> Tuple[np.ndarray, Tuple[slice, slice, slice]]:
-        (_z0, _z1), (y0, y1), (x0, x1) = self.box
-        box = (slice(k0, k1), slice(y0, y1), slice(x0, x1))
+    def _field(self, k0: int, k1: int) -> Tuple[Optional[np.ndarray], Tuple[slice, slice, slice]]:
+        """Full-resolution field on the part of slices k0..k1-1 where it can be <= t.
+
+        A trilinearly interpolated value is a convex mix of its 8 coarse corners, so only
+        cells with a corner <= t can hold lesion voxels: the in-plane box shrinks to them
+        (lesions are local), and (None, box) means no lesion in these slices.
+        """
+        f = self.f
+        cz0, cz1 = k0 // f[0], min(-(-(k1 - 1) // f[0]), self.shape_c[0] - 1)
+        active = np.any(self.fmin_c[cz0:cz1 + 1] <= self.t, axis=0)
+        ys, xs = np.nonzero(active.any(axis=1))[0], np.nonzero(active.any(axis=0))[0]
+        if ys.size == 0:
+            return None, (slice(k0, k1), slice(0, 0), slice(0, 0))
+        box = (slice(k0, k1),
+               slice(max((int(ys[0]) - 1) * f[1], 0), min((int(ys[-1]) + 1) * f[1] + 1, self.shape[1])),
+               slice(max((int(xs[0]) - 1) * f[2], 0), min((int(xs[-1]) + 1) * f[2] + 1, self.shape[2])))
         return upsample_linear(self.fmin_c, self.f, box), box
 
     def _threshold(self) -> Tuple[float, int]:
@@ -526,6 +539,8 @@ class LesionGrower:
         if a >= b:
             return 0
         F, box = self._field(a, b)
+        if F is None:
+            return 0
         lung = self.right[box] | self.left[box]
         sel = lung & (F <= self.t)
         lesion[box] = sel
