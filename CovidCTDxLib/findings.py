@@ -41,6 +41,7 @@ from scipy import ndimage as ndi
 from .errors import InputError, LungsNotFoundError
 from .result import LesionMasks, LungMasks, LungZones
 from .volume import CTVolume
+from .zones import mask_bbox
 
 #: Components smaller than this (mL) are not counted as lesions (~ a 4.6 mm sphere).
 MIN_COUNTED_LESION_ML = 0.05
@@ -246,11 +247,10 @@ def compute_findings(
     ml = ct.voxel_volume_ml
 
     lesion = np.asarray(lesions.lesion[box], bool) & (labels > 0)
-    idx = np.flatnonzero(lesion)
-    les_labels = labels.ravel()[idx] if idx.size else np.zeros(0, np.uint8)
+    les_labels = labels[lesion]
     lung_per_zone = lung_voxels * ml
     lesion_per_zone = np.bincount(les_labels, minlength=n_zones + 1)[1:] * ml
-    periph = zones.peripheral[box].ravel()[idx] if idx.size else np.zeros(0, bool)
+    periph = zones.peripheral[box][lesion]
     periph_per_zone = np.bincount(les_labels[periph], minlength=n_zones + 1)[1:] * ml
 
     components, count_per_zone, lesion_list = _components(lesion, labels, ct, box, n_zones)
@@ -266,7 +266,7 @@ def compute_findings(
         sides[side] = RegionFindings(lung_per_zone[z].sum(), lesion_per_zone[z].sum(), side_count, periph_per_zone[z].sum())
     whole = RegionFindings(lung_per_zone.sum(), lesion_per_zone.sum(), components, periph_per_zone.sum())
 
-    lesion_hu = ct.array[box].ravel()[idx].astype(np.float32) if idx.size else np.zeros(0, np.float32)
+    lesion_hu = ct.array[box][lesion].astype(np.float32)
     hu_hist, hu_stats = _hu_summary(lesion_hu)
     hu_classes = {name: float(v * ml) for (name, _, _), v in zip(HU_CLASSES, hu_class_voxels)}
     types = _lesion_types(lesions, box, lesion, ml)
@@ -300,17 +300,38 @@ def _lung_stats(ct: CTVolume, zones: LungZones, box, n_zones: int) -> Tuple[np.n
     key = _LUNG_STATS_CACHE.get("key")
     if key is not None and key[0]() is ct.array and key[1]() is zones.labels and key[2] == box:
         return _LUNG_STATS_CACHE["value"]
-    labels = zones.labels[box]
-    per_zone = np.array([np.count_nonzero(labels == z) for z in range(1, n_zones + 1)], np.int64)
-    hu = ct.array[box][labels > 0]
-    below = [np.count_nonzero(hu < t) for t in [HU_CLASSES[0][1]] + [c[2] for c in HU_CLASSES]]
-    per_class = np.diff(np.array(below, np.int64))
+    # One joint histogram of (zone, HU class) over the lung voxels (class 0 below the
+    # first class, 1..len(HU_CLASSES) the classes, the last one above), accumulated over
+    # slabs of slices so no box-sized temporary is made.
+    n_cls = len(HU_CLASSES) + 2
+    joint = np.zeros((n_zones + 1) * n_cls, np.int64)
+    for k0 in range(box[0].start, box[0].stop, 16):
+        slab = (slice(k0, min(k0 + 16, box[0].stop)), box[1], box[2])
+        labels = zones.labels[slab]
+        inside = labels > 0
+        code = labels[inside].astype(np.int64) * n_cls + _hu_class(ct.array[slab][inside])
+        joint += np.bincount(code, minlength=joint.size)
+    joint = joint.reshape(n_zones + 1, n_cls)
+    per_zone = joint[1:].sum(axis=1)
+    per_class = joint[1:, 1:-1].sum(axis=0)
     value = (per_zone, per_class)
     try:
         _LUNG_STATS_CACHE.update(key=(weakref.ref(ct.array), weakref.ref(zones.labels), box), value=value)
     except TypeError:  # arrays that cannot be weakly referenced: no caching
         _LUNG_STATS_CACHE.clear()
     return value
+
+
+_HU_EDGES = np.array([HU_CLASSES[0][1]] + [c[2] for c in HU_CLASSES], np.float64)
+#: HU class of every int16 value (a lookup is ~5x faster than a search on 10^7 voxels).
+_INT16_CLASS = np.searchsorted(_HU_EDGES, np.arange(-32768, 32768), side="right").astype(np.uint8)
+
+
+def _hu_class(hu: np.ndarray) -> np.ndarray:
+    """0 below the first HU class, i for HU_CLASSES[i-1], len(HU_CLASSES)+1 above."""
+    if hu.dtype == np.int16:
+        return _INT16_CLASS[hu.astype(np.int32) + 32768].astype(np.int64)
+    return np.searchsorted(_HU_EDGES, hu, side="right").astype(np.int64)
 
 
 def severity_points(percent_involved: float) -> int:
@@ -327,19 +348,11 @@ def severity_points(percent_involved: float) -> int:
 
 
 def _union_bbox(*masks: np.ndarray) -> Optional[Tuple[slice, slice, slice]]:
-    """Bounding box (slices) of the union of masks from their axis projections, without
-    forming the union of full volumes."""
-    out = []
-    for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
-        hit = np.zeros(masks[0].shape[axis], bool)
-        for m in masks:
-            hit |= m.any(axis=other)
-        idx = np.flatnonzero(hit)
-        if idx.size == 0:
-            return None
-        out.append(slice(int(idx[0]), int(idx[-1]) + 1))
-    return tuple(out)  # type: ignore[return-value]
+    """Bounding box (slices) of the union of masks, without forming their union."""
+    boxes = [b for b in (mask_bbox(m) for m in masks) if b is not None]
+    if not boxes:
+        return None
+    return tuple(slice(min(b[a].start for b in boxes), max(b[a].stop for b in boxes)) for a in range(3))  # type: ignore[return-value]
 
 
 def _components(lesion: np.ndarray, labels: np.ndarray, ct: CTVolume, box, n_zones: int):

@@ -13,34 +13,45 @@ Definitions and thresholds
   -950..-700 HU (Colombi et al., Radiology 2020) and Lung CT Analyzer (Slicer/
   SlicerLungCTAnalyzer, ``LungCTAnalyzer.py`` ``defaultThresholds``) uses
   -950..-750 "inflated", -750..-400 "infiltrated", -400..0 "collapsed". Ground glass is
-  commonly taken as -750..-300 HU and consolidation above -300 HU (e.g. Ohkubo et al.;
-  CT severity tools such as those behind the COVID-19 quantification literature), which
-  is the split used by :func:`split_lesion_types`.
-- Lung density is not uniform: in a supine patient dependent (posterior) lung is denser by
-  tens of HU (gravity gradient), and low-dose noise spreads parenchyma by ±50 HU. A fixed
-  threshold therefore either misses faint ground glass anteriorly or marks normal dependent
-  lung posteriorly. We estimate the aerated-parenchyma level per 10 mm band along the
-  gravity (anterior-posterior) axis from the scan itself (a low percentile of sub -500 HU
-  lung voxels, robust to lesions and vessels) and call a voxel abnormal when it is
-  ``GGO_CONTRAST_HU`` above that level *and* above the infiltration floor of -750 HU.
+  commonly taken as -750..-300 HU and consolidation above -300 HU, which is the split used
+  by :func:`split_lesion_types`.
 
-Vessels and airway walls
-- Bright lung voxels (>= -300 HU) are vessel, bronchial wall or consolidation. Those a
-  binary opening by ``VESSEL_MAX_RADIUS_MM`` removes are thinner than any consolidation
-  worth reporting (segmental vessels are <= ~8 mm wide): they and their partial-volume
-  halo (``VESSEL_HALO_MM``, the blur of a bright core into ground-glass HU) are removed
-  from the candidates. A size rule, not a Hessian vesselness: we tried multi-scale
-  Hessian objectness (Frangi et al. 1998, SimpleITK ``ObjectnessMeasure``); it cost ~1 s
-  per scale on a half-resolution grid and still missed vessel halos on the real COVID-19
-  scan, while the size rule is a few binary morphology passes.
-- Remaining thin structures (small vessels, walls, noise specks, the partial-volume band
-  where the diaphragm dome cuts a slice) go with a binary opening by a ball of
-  ``OPENING_RADIUS_MM``: ground glass thicker than ~4 mm stays.
-- A closing and a per-slice hole fill give vessels running *through* ground glass back
-  to the lesion, as radiologists draw lesions. Components smaller than
-  ``MIN_LESION_ML`` are dropped.
-- The engine works on a ~1.5 mm grid (block mean), fine enough for all of the above and
-  ~4x less work on 0.7 mm scans; the result is pasted back and clipped to the lungs.
+How the engine decides (all on a ~1.5 mm working grid inside the lung bounding box)
+1. *Parenchymal density without vessels.* Ground glass is an increase of the parenchyma
+   *between* the vessels ("preserved vascular margins"), so the density that matters is
+   that of the non-vessel lung. Voxels at or above -300 HU (vessels, walls, consolidation)
+   and a 1.5 mm halo around them (their blur into the air) get weight 0, and the
+   parenchymal density is a normalised convolution (Knutsson & Westin, CVPR 1993):
+   ``G*(w*HU) / G*w`` with a ``PARENCHYMA_SIGMA_MM`` Gaussian. A vessel's halo thus never
+   looks like ground glass, while ground glass with vessels running through it does.
+2. *Partial volume at the lung surface.* A voxel straddling the lung surface mixes air and
+   soft tissue into ground-glass HU. In-plane that is the mask's edge voxel; along the
+   slice axis it is every lung voxel whose neighbour slice is not lung (diaphragm domes,
+   costophrenic recesses, apices, where the surface is oblique to the slice: with 5 mm
+   slices this rim is wide in-plane). Both get weight 0 and cannot seed a lesion; a lesion
+   seeded deeper still grows into them (step 5).
+3. *Organ intrusions.* An automatic lung mask may contain the top of a diaphragm dome
+   (liver, spleen, stomach wall) as a "hole" it filled. Dense voxels inside the mask that
+   continue straight along the slice axis into dense tissue outside the mask are that
+   organ, not lung: they and the lung voxels right above/below them are excluded. Known
+   limit: consolidation lying directly on the diaphragm dome looks the same and is not
+   called by this engine (a trained model is not so limited).
+4. *Gravity.* In a supine patient dependent lung is denser by tens of HU, strongest in the
+   last few mm above the dependent pleura (dependent atelectasis). The aerated-parenchyma
+   level is estimated per band of depth above the dependent pleura (the most posterior
+   lung voxel of each column along the gravity axis) as the median parenchymal density of
+   that band, capped at ``MAX_DEPENDENT_EXCESS_HU`` above the whole-lung level so that
+   extensive disease cannot raise its own baseline. Ground glass is
+   ``GGO_CONTRAST_HU`` above the band level *and* above the -750 HU infiltration floor.
+5. *Shape.* Candidates are opened by a ``OPENING_RADIUS_MM`` ball (specks, the fissures'
+   partial volume, thin sheets go), consolidation is the bright lung at least
+   ``2 * VESSEL_MAX_RADIUS_MM`` thick (segmental vessels are thinner), a closing and a
+   per-slice hole fill give vessels running *through* a lesion back to it (as radiologists
+   draw lesions), the lesion grows by ``MARGIN_MM`` into its fading edge (hysteresis) and
+   components smaller than ``MIN_LESION_ML`` are dropped.
+
+Speed: one block-mean shrink, two recursive Gaussians, a handful of binary morphology
+passes on the working grid and histogram percentiles; ~2-3 s for a 512x512x300 scan.
 """
 from __future__ import annotations
 
@@ -54,42 +65,54 @@ from scipy import ndimage as ndi
 from .progress import Progress
 from .result import LesionMasks, LungMasks
 from .volume import LPS_POSTERIOR, CTVolume
+from .zones import mask_bbox
 
 log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------ physical parameters
 #: Lower bound of "infiltrated" lung in Lung CT Analyzer (HU); nothing below is a lesion.
 GGO_FLOOR_HU = -750.0
-#: Ground glass vs consolidation boundary (HU), used by :func:`split_lesion_types`.
+#: Ground glass vs consolidation boundary (HU); also the vessel / wall threshold.
 CONSOLIDATION_HU = -300.0
-#: Required excess over the local aerated-parenchyma level (HU). Faint ground glass is
-#: ~150-250 HU above normal lung; the dependent gradient and low-dose noise after the
-#: 1 mm smoothing stay well below.
-GGO_CONTRAST_HU = 100.0
+#: Required excess of the parenchymal density over the aerated level of its gravity band
+#: (HU). Faint ground glass is ~150-250 HU above normal lung.
+GGO_CONTRAST_HU = 140.0
+#: ... or this many (lower-side) standard deviations of the band's parenchymal density,
+#: whichever is larger (three sigma: ~0.1 % of normal parenchyma exceeds it).
+NOISE_FACTOR = 3.0
 #: Lesion margin (hysteresis): within this distance (mm) of a detected lesion, voxels this
-#: far above aerated lung (HU) are its fading edge (ground glass fades over a few mm).
+#: far above aerated lung (HU) are its fading edge.
 MARGIN_MM = 3.0
 MARGIN_CONTRAST_HU = 50.0
-#: Band width (mm) along the gravity axis for the parenchyma level.
-BAND_MM = 10.0
-#: Percentile of sub -500 HU lung voxels that estimates aerated parenchyma per band.
-PARENCHYMA_PERCENTILE = 40.0
-#: Working grid voxel size (mm) for the engine (block mean of the CT).
+#: Working grid voxel size (mm): block mean of the CT.
 WORK_GRID_MM = 1.5
-#: Gaussian smoothing (mm) against low-dose noise before thresholding.
-SMOOTHING_MM = 1.0
-#: Opening radius (mm): vessels, airway walls and partial-volume sheets thinner than
-#: ~2x this disappear; lesions thicker than that stay.
-OPENING_RADIUS_MM = 2.0
-#: Bright (>= -300 HU) structures thinner than twice this radius (mm) are vessels or
-#: airway walls, not consolidation: segmental arteries and veins are <= ~8 mm wide.
-VESSEL_MAX_RADIUS_MM = 4.0
-#: Halo (mm) around a detected vessel that is partial volume, not lesion.
+#: Gaussian (mm) of the normalised convolution that estimates parenchymal density.
+PARENCHYMA_SIGMA_MM = 2.0
+#: Minimum local share of parenchyma weight for the density estimate to be trusted.
+MIN_WEIGHT = 0.2
+#: Halo (mm) around bright voxels that is their partial volume, not parenchyma.
 VESSEL_HALO_MM = 1.5
+#: Hessian scales (mm) and thresholds of the faint-vessel (tube) detector.
+TUBE_SIGMAS_MM = (1.5, 2.5)
+TUBE_MAX_AXIAL = 0.5
+TUBE_MIN_HU = 40.0
+#: Depth bands (mm above the dependent pleura) for the aerated level: fine where the
+#: dependent gradient is steep, coarse above.
+DEPTH_BANDS_MM = (0.0, 3.0, 6.0, 10.0, 15.0, 20.0, 30.0, 40.0, 60.0, 80.0, 100.0, 130.0, 160.0)
+#: A band's level may exceed the whole-lung level by at most this (HU): normal dependent
+#: density stays below; lesions covering a whole band cannot lift it further.
+MAX_DEPENDENT_EXCESS_HU = 120.0
+#: Opening radius (mm): specks, walls and partial-volume sheets thinner than ~2x this go.
+OPENING_RADIUS_MM = 2.0
+#: Bright (>= -300 HU) lung thicker than twice this radius (mm) is consolidation;
+#: segmental arteries and veins are <= ~8 mm wide.
+VESSEL_MAX_RADIUS_MM = 4.0
 #: Closing radius (mm) that gives vessels inside ground glass back to the lesion.
 CLOSING_RADIUS_MM = 2.0
-#: Smallest lesion component the engine reports (mL): ~ a 6 mm sphere.
+#: Smallest lesion component the engine reports (mL): ~ a 8 mm sphere.
 MIN_LESION_ML = 0.25
+#: In-plane neighbourhood (mm) averaged before the ground glass / consolidation split.
+SPLIT_RADIUS_MM = 1.0
 
 
 # ------------------------------------------------------------------ public API
@@ -108,121 +131,296 @@ def detect_lesions(ct: CTVolume, lungs: LungMasks, progress: Optional[Progress] 
     report = progress or Progress()
     lung_full = lungs.lungs
     lesion = np.zeros(ct.shape, bool)
-    if not lung_full.any():
-        return LesionMasks(lesion=lesion, ggo=lesion.copy(), consolidation=lesion.copy())
-    box = _bbox(lung_full, pad=2)
     spacing_full = ct.spacing_zyx
-    # Work on a ~1.5 mm grid: every structure the engine reasons about (lesions >= 4 mm
-    # thick, vessels >= 1.5 mm) is resolved, and it is 4x less work on 0.7 mm scans.
     factors = tuple(max(1, int(round(WORK_GRID_MM / s))) for s in spacing_full)
     spacing = tuple(s * f for s, f in zip(spacing_full, factors))
-    report(0.05, "Lesions: smoothing")
-    hu = _shrink(ct.array[box], factors)
-    lung = _shrink(lung_full[box], factors) >= 0.5
-    smooth = sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(_image(hu, spacing), SMOOTHING_MM))
-    del hu
-    report(0.2, "Lesions: parenchyma level")
-    level = _parenchyma_level(ct, box, factors, smooth, lung)
-    candidate = lung & (smooth > np.maximum(GGO_FLOOR_HU, level + GGO_CONTRAST_HU))
-    report(0.35, "Lesions: vessels")
-    vessels = _thin_bright(smooth, lung, spacing)
-    candidate &= ~vessels
-    # Hysteresis for the fading margin of ground glass: voxels next to a lesion (within
-    # MARGIN_MM) that are MARGIN_CONTRAST_HU above aerated lung belong to it.
-    margin = lung & ~vessels & (smooth > level + MARGIN_CONTRAST_HU)
-    del level, vessels
-    report(0.75, "Lesions: size filter")
-    core = _opening(candidate, spacing, OPENING_RADIUS_MM)
+    box = mask_bbox(lung_full, pad=2 * max(factors))
+    if box is None:
+        return LesionMasks(lesion=lesion, ggo=lesion.copy(), consolidation=lesion.copy())
+    box = _aligned_box(box, factors, ct.shape)
+
+    report(0.05, "Lesions: working grid")
+    hu = _shrink(ct.array[box], factors).astype(np.float32)
+    lung = _shrink(lung_full[box].view(np.uint8) * np.uint8(100), factors) >= 50
+    report(0.2, "Lesions: partial volume and organs")
+    dense = hu >= CONSOLIDATION_HU
+    # Any full-resolution voxel at vessel density marks its block: small vessels are
+    # averaged below -300 HU by the block mean but still cast a partial-volume halo.
+    bright = _shrink((ct.array[box] >= CONSOLIDATION_HU).view(np.uint8), factors) > 0
+    lung &= ~_organ_intrusions(dense, lung)
+    rim = _surface_rim(lung)
+    halo = _dilate(bright | dense, spacing, VESSEL_HALO_MM)
+    weight = lung & ~rim & ~halo
+    report(0.35, "Lesions: parenchymal density")
+    density, support = _normalised_smooth(hu, weight, spacing, PARENCHYMA_SIGMA_MM)
+    trusted = weight & (support >= MIN_WEIGHT)
+    threshold, level = _aerated_level(ct, density, trusted, lung, spacing)
+    report(0.55, "Lesions: candidates")
+    ggo = trusted & (density > threshold)
+    del threshold
+    core = _opening(ggo, spacing, OPENING_RADIUS_MM)
+    del ggo
+    thick = _opening(dense & lung & ~rim, spacing, VESSEL_MAX_RADIUS_MM)
+    core |= _with_opacity_around(thick, density - level, trusted, spacing)
+    del thick
+    report(0.75, "Lesions: shape")
     core = _closing_within(core, lung, spacing, CLOSING_RADIUS_MM)
-    grown = sitk.BinaryDilate(sitk.GetImageFromArray(core.astype(np.uint8)), _radius_vox(MARGIN_MM, spacing), sitk.sitkBall)
-    core |= sitk.GetArrayFromImage(grown).astype(bool) & margin
     core = _fill_holes_2d(core) & lung
+    # Fading edge: near a lesion, parenchyma (or surface voxels, by their own HU) this far
+    # above the aerated level belongs to it.
+    # The weighted mean interpolates the parenchyma into vessels and their halos, so a
+    # vessel inside a lesion's margin is judged by the ground glass around it.
+    edge_hu = np.where(support >= MIN_WEIGHT, density, hu)
+    near = _dilate(core, spacing, MARGIN_MM) & lung
+    core |= near & (edge_hu > level + MARGIN_CONTRAST_HU)
+    del near, edge_hu, level, density, support
     core = _drop_small(core, spacing, MIN_LESION_ML)
     lesion[box] = _upsample_nearest(core, factors, lesion[box].shape) & lung_full[box]
     report(0.95, "Lesions: ground glass / consolidation")
-    ggo, consolidation = split_lesion_types(ct, lesion)
+    ggo_mask, consolidation = split_lesion_types(ct, lesion)
     ml = ct.voxel_volume_ml
-    log.info("density lesions: %.1f mL (ggo %.1f, consolidation %.1f)", lesion.sum() * ml, ggo.sum() * ml, consolidation.sum() * ml)
+    log.info("density lesions: %.1f mL (ggo %.1f, consolidation %.1f)", lesion.sum() * ml, ggo_mask.sum() * ml, consolidation.sum() * ml)
     report(1.0, "Lesions: done")
-    return LesionMasks(lesion=lesion, ggo=ggo, consolidation=consolidation, source="density engine")
+    return LesionMasks(lesion=lesion, ggo=ggo_mask, consolidation=consolidation, source="density engine")
 
 
 def split_lesion_types(ct: CTVolume, lesion: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """Split any lesion mask into ground glass (< -300 HU) and consolidation (>= -300 HU).
 
-    The HU are smoothed by ``SMOOTHING_MM`` first so low-dose noise does not pepper ground
-    glass with consolidation voxels. Works on neural, density and hand-edited masks alike;
-    ``ggo | consolidation == lesion`` and the two never overlap.
+    Each lesion voxel is classified by the mean HU of its in-plane neighbourhood of radius
+    ``SPLIT_RADIUS_MM`` (3x3 pixels on sub-mm scans, the voxel itself on coarse grids), so
+    low-dose noise does not pepper ground glass with consolidation voxels. Only lesion
+    voxels are visited, so the cost follows the lesion size. Works on neural, density and
+    hand-edited masks alike; ``ggo | consolidation == lesion`` and the two never overlap.
     """
     lesion = np.asarray(lesion, bool)
     ggo = np.zeros(lesion.shape, bool)
     consolidation = np.zeros(lesion.shape, bool)
-    if not lesion.any():
+    idx = np.flatnonzero(lesion)
+    if idx.size == 0:
         return ggo, consolidation
-    box = _bbox(lesion, pad=3)
-    smooth = sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(_image(ct.array[box], ct.spacing_zyx), SMOOTHING_MM))
-    sub = lesion[box]
-    dense = smooth >= CONSOLIDATION_HU
-    consolidation[box] = sub & dense
-    ggo[box] = sub & ~dense
+    _, ny, nx = lesion.shape
+    sy, sx = ct.spacing_zyx[1:]
+    ry, rx = int(round(SPLIT_RADIUS_MM / sy)), int(round(SPLIT_RADIUS_MM / sx))
+    flat = ct.array.reshape(-1)
+    y = (idx // nx) % ny
+    x = idx % nx
+    total = np.zeros(idx.size, np.float32)
+    for dy in range(-ry, ry + 1):
+        yy = np.clip(y + dy, 0, ny - 1) - y
+        for dx in range(-rx, rx + 1):
+            xx = np.clip(x + dx, 0, nx - 1) - x
+            total += flat[idx + yy * nx + xx]
+    dense = total >= CONSOLIDATION_HU * (2 * ry + 1) * (2 * rx + 1)
+    consolidation.reshape(-1)[idx[dense]] = True
+    ggo.reshape(-1)[idx[~dense]] = True
     return ggo, consolidation
 
 
 # ------------------------------------------------------------------ steps
-def _bbox(mask: np.ndarray, pad: int = 0) -> Tuple[slice, slice, slice]:
-    out = []
-    for axis in range(mask.ndim):
-        other = tuple(a for a in range(mask.ndim) if a != axis)
-        idx = np.flatnonzero(mask.any(axis=other))
-        out.append(slice(max(0, idx[0] - pad), min(mask.shape[axis], idx[-1] + 1 + pad)))
-    return tuple(out)  # type: ignore[return-value]
+def _organ_intrusions(dense: np.ndarray, lung: np.ndarray) -> np.ndarray:
+    """Dense lung-mask voxels enclosed by lung in their slice that continue straight along
+    the slice axis into dense tissue outside the mask (a diaphragm dome the lung mask
+    swallowed as a hole), plus the one lung voxel beyond each such run (the dome's
+    partial-volume cap)."""
+    outside = dense & ~lung
+    inside = _enclosed(dense & lung, lung)
+    run = np.zeros(lung.shape, bool)
+    for order in (range(1, lung.shape[0]), range(lung.shape[0] - 2, -1, -1)):
+        step = -1 if order.step == 1 else 1
+        grown = np.zeros(lung.shape, bool)
+        for k in order:
+            grown[k] = inside[k] & (outside[k + step] | grown[k + step])
+        cap = np.zeros(lung.shape, bool)
+        for k in order:
+            cap[k] = lung[k] & ~inside[k] & grown[k + step]
+        run |= grown | cap
+    return run
 
 
-def _image(array: np.ndarray, spacing_zyx) -> sitk.Image:
-    img = sitk.GetImageFromArray(np.asarray(array, dtype=np.float32))
-    img.SetSpacing(tuple(float(s) for s in reversed(spacing_zyx)))
-    return img
+def _with_opacity_around(thick: np.ndarray, excess: np.ndarray, trusted: np.ndarray, spacing_zyx) -> np.ndarray:
+    """The thick dense regions whose surroundings are opacified.
 
-
-def _posterior_mm(ct: CTVolume, box, factors, shape) -> np.ndarray:
-    """Position (mm) along the gravity axis (LPS posterior) of each working-grid voxel,
-    as a broadcastable array (three 1-D ramps, no full coordinate grid)."""
-    step = (ct.direction @ np.diag(ct.spacing)).T @ LPS_POSTERIOR  # per i, j, k
-    ramps = []
-    for axis, (sl, f, n) in enumerate(zip(box, factors, shape)):
-        centre = sl.start + f * np.arange(n, dtype=np.float32) + (f - 1) / 2.0
-        view = [1, 1, 1]
-        view[axis] = n
-        ramps.append((centre * step[2 - axis]).reshape(view))
-    return ramps[0] + ramps[1] + ramps[2]
-
-
-def _parenchyma_level(ct: CTVolume, box, factors, smooth: np.ndarray, lung: np.ndarray) -> np.ndarray:
-    """Aerated-parenchyma HU of each voxel's 10 mm band along the gravity axis.
-
-    Returns a float32 array shaped like ``smooth`` (one value per band, mapped back).
+    Thick dense lung is consolidation or a large (hilar) vessel. Infectious consolidation
+    comes with ground glass around it (halo, patchy surroundings: Fleischner glossary;
+    COVID-19 and CAP series alike), a vessel runs through normal lung. A dense component
+    is kept when the parenchyma in a ``MARGIN_MM`` ring around it is on average at least
+    ``MARGIN_CONTRAST_HU`` above the aerated level (``excess`` = density - level).
     """
-    post = _posterior_mm(ct, box, factors, smooth.shape)
-    band = np.floor((np.broadcast_to(post, smooth.shape) - float(post.min())) / BAND_MM).astype(np.int32)
-    n_bands = int(band.max()) + 1
-    values = smooth[lung]
-    bands = band[lung]
-    aerated = values < -500.0
-    level = np.full(n_bands, np.nan, np.float32)
+    if not thick.any():
+        return thick
+    grown = _dilate(thick, spacing_zyx, MARGIN_MM)
+    labels, n = ndi.label(grown, structure=np.ones((3, 3, 3), bool))
+    ring = grown & ~thick & trusted
+    sums = np.bincount(labels[ring], weights=excess[ring], minlength=n + 1)
+    counts = np.bincount(labels[ring], minlength=n + 1)
+    keep = sums >= MARGIN_CONTRAST_HU * np.maximum(counts, 1)
+    keep[0] = False
+    return thick & keep[labels]
+
+
+def _enclosed(region: np.ndarray, lung: np.ndarray) -> np.ndarray:
+    """Per-slice components of ``region`` that do not touch the slice's non-lung (holes
+    the lung mask filled); a subpleural consolidation touches the chest wall in-plane."""
+    labels, n = ndi.label(region, structure=_inplane_cross())
+    if n == 0:
+        return region
+    touching = np.unique(labels[ndi.binary_dilation(~lung, structure=_inplane_cross()) & region])
+    keep = np.ones(n + 1, bool)
+    keep[touching] = False
+    keep[0] = False
+    return keep[labels]
+
+
+def _tubular(hu: np.ndarray, where: np.ndarray, spacing_zyx) -> np.ndarray:
+    """Voxels of ``where`` on a bright tube (a vessel too faint or thin to reach -300 HU)
+    at any of ``TUBE_SIGMAS_MM``: Hessian eigenvalues |l1| <= |l2| <= |l3| with l2, l3 < 0,
+    |l1| <= ``TUBE_MAX_AXIAL`` |l2| and scale-normalised strength -l2 sigma^2 >=
+    ``TUBE_MIN_HU`` (Sato et al., Med Image Anal 1998; Frangi et al., MICCAI 1998).
+
+    Only the ``where`` voxels brighter than the ground-glass floor are evaluated (central
+    differences of the Gaussian-smoothed HU at those voxels), which keeps this cheap.
+    """
+    out = np.zeros(hu.shape, bool)
+    h = np.asarray(spacing_zyx, np.float64)
+    for sigma in TUBE_SIGMAS_MM:
+        smooth = _gauss(hu, spacing_zyx, sigma)
+        idx = np.flatnonzero(where & (smooth >= GGO_FLOOR_HU))
+        inner = _interior(idx, hu.shape)
+        idx = idx[inner]
+        if idx.size == 0:
+            continue
+        f = smooth.reshape(-1)
+        strides = np.array(smooth.strides) // smooth.itemsize
+        centre = f[idx]
+        hess = np.empty((idx.size, 3, 3), np.float32)
+        for a in range(3):
+            sa = strides[a]
+            hess[:, a, a] = (f[idx + sa] - 2 * centre + f[idx - sa]) / (h[a] * h[a])
+            for b in range(a + 1, 3):
+                sb = strides[b]
+                hab = (f[idx + sa + sb] - f[idx + sa - sb] - f[idx - sa + sb] + f[idx - sa - sb]) / (4 * h[a] * h[b])
+                hess[:, a, b] = hess[:, b, a] = hab
+        ev = np.linalg.eigvalsh(hess)
+        order = np.argsort(np.abs(ev), axis=1)
+        ev = np.take_along_axis(ev, order, axis=1)
+        l1, l2, l3 = ev[:, 0], ev[:, 1], ev[:, 2]
+        tube = (l2 < 0) & (l3 < 0) & (np.abs(l1) <= TUBE_MAX_AXIAL * np.abs(l2)) & (-l2 * sigma * sigma >= TUBE_MIN_HU)
+        out.reshape(-1)[idx[tube]] = True
+    return out
+
+
+def _interior(idx: np.ndarray, shape) -> np.ndarray:
+    """Flat indices at least one voxel away from every face (central differences exist)."""
+    z, rem = np.divmod(idx, shape[1] * shape[2])
+    y, x = np.divmod(rem, shape[2])
+    return (z > 0) & (z < shape[0] - 1) & (y > 0) & (y < shape[1] - 1) & (x > 0) & (x < shape[2] - 1)
+
+
+def _surface_rim(lung: np.ndarray) -> np.ndarray:
+    """Lung voxels straddling the lung surface: the in-plane edge of each slice's mask, and
+    every voxel whose neighbour slice (either side) is not lung."""
+    inner = ndi.binary_erosion(lung, structure=_inplane_cross(), border_value=0)
+    up = np.zeros_like(lung)
+    up[:-1] = lung[1:]
+    down = np.zeros_like(lung)
+    down[1:] = lung[:-1]
+    return lung & ~(inner & up & down)
+
+
+def _inplane_cross() -> np.ndarray:
+    s = np.zeros((3, 3, 3), bool)
+    s[1] = ndi.generate_binary_structure(2, 1)
+    return s
+
+
+def _normalised_smooth(hu: np.ndarray, weight: np.ndarray, spacing_zyx, sigma_mm: float):
+    """Weighted Gaussian mean ``G*(w*hu) / G*w`` and the local weight ``G*w``."""
+    w = weight.astype(np.float32)
+    num = _gauss(hu * w, spacing_zyx, sigma_mm)
+    den = _gauss(w, spacing_zyx, sigma_mm)
+    density = num / np.maximum(den, 1e-3)
+    return density, den
+
+
+def _gauss(a: np.ndarray, spacing_zyx, sigma_mm: float) -> np.ndarray:
+    img = sitk.GetImageFromArray(np.asarray(a, np.float32))
+    img.SetSpacing(tuple(float(s) for s in reversed(spacing_zyx)))
+    return sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(img, sigma_mm))
+
+
+def _dependent_depth(ct: CTVolume, lung: np.ndarray, spacing_zyx) -> np.ndarray:
+    """Depth (mm) of each lung voxel above the dependent pleura: distance along the gravity
+    (LPS posterior) array axis to the most posterior lung voxel of its column."""
+    axis, sign = ct.axis_for(LPS_POSTERIOR)
+    n = lung.shape[axis]
+    idx = np.arange(n, dtype=np.int32).reshape([-1 if a == axis else 1 for a in range(3)])
+    if sign > 0:
+        last = np.where(lung, idx, -1).max(axis=axis, keepdims=True)
+        depth = last - idx
+    else:
+        first = np.where(lung, idx, n).min(axis=axis, keepdims=True)
+        depth = idx - first
+    return depth.astype(np.float32) * float(spacing_zyx[axis])
+
+
+def _aerated_level(ct: CTVolume, density: np.ndarray, trusted: np.ndarray, lung: np.ndarray, spacing_zyx):
+    """Ground-glass threshold and aerated-parenchyma level (HU) per depth band above the
+    dependent pleura, mapped back onto every voxel (two float32 arrays like ``density``).
+
+    threshold = max(-750, level + max(``GGO_CONTRAST_HU``, ``NOISE_FACTOR`` x spread)):
+    on noisy or coarse scans the parenchyma's own spread sets how far above it a voxel
+    must be to be abnormal."""
+    depth = _dependent_depth(ct, lung, spacing_zyx)
+    edges = np.asarray(DEPTH_BANDS_MM, np.float32)
+    band = np.searchsorted(edges, depth, side="right").astype(np.int16) - 1  # -1 never: depth >= 0
+    values = density[trusted]
+    if values.size == 0:
+        flat = np.full(density.shape, GGO_FLOOR_HU - GGO_CONTRAST_HU, np.float32)
+        return flat + GGO_CONTRAST_HU, flat
+    bands = band[trusted]
+    overall = float(np.median(values))
+    stats = np.full((len(edges), 2), np.nan, np.float32)
+    for b, med, spread in _band_stats(values, bands, len(edges)):
+        stats[b] = med, spread
+    good = np.flatnonzero(~np.isnan(stats[:, 0]))
+    if good.size == 0:
+        flat = np.full(density.shape, overall, np.float32)
+        return np.maximum(GGO_FLOOR_HU, flat + GGO_CONTRAST_HU), flat
+    level = np.interp(np.arange(len(edges)), good, stats[good, 0])
+    spread = np.interp(np.arange(len(edges)), good, stats[good, 1])
+    level = np.minimum(level, overall + MAX_DEPENDENT_EXCESS_HU)
+    contrast = np.maximum(GGO_CONTRAST_HU, NOISE_FACTOR * spread)
+    log.debug("aerated level per depth band %s mm: %s, contrast %s (whole lung %.0f)", DEPTH_BANDS_MM,
+              np.round(level).tolist(), np.round(contrast).tolist(), overall)
+    return np.maximum(GGO_FLOOR_HU, level + contrast).astype(np.float32)[band], level.astype(np.float32)[band]
+
+
+def _band_stats(values: np.ndarray, bands: np.ndarray, n_bands: int, min_count: int = 200):
+    """Median and lower spread (median - 16th percentile, one sigma of the aerated side,
+    untouched by lesions in the upper tail) per band, from one joint 2 HU histogram."""
+    lo, width, n_bins = -1100.0, 2.0, 700
+    bins = np.clip(((values - lo) / width).astype(np.int32), 0, n_bins - 1)
+    hist = np.bincount(bands.astype(np.int64) * n_bins + bins, minlength=n_bands * n_bins).reshape(n_bands, n_bins)
     for b in range(n_bands):
-        v = values[(bands == b) & aerated]
-        if v.size >= 200:
-            level[b] = np.percentile(v, PARENCHYMA_PERCENTILE)
-    if np.all(np.isnan(level)):
-        level[:] = GGO_FLOOR_HU - GGO_CONTRAST_HU
-    # Bands with too few voxels (the lung's anterior and posterior tips) borrow their
-    # neighbour's level; the profile is then smoothed over three bands.
-    good = np.flatnonzero(~np.isnan(level))
-    level = np.interp(np.arange(n_bands), good, level[good]).astype(np.float32)
-    if n_bands >= 3:
-        level = np.convolve(np.pad(level, 1, mode="edge"), np.ones(3) / 3.0, mode="valid").astype(np.float32)
-    log.debug("parenchyma level per %.0f mm band: %s", BAND_MM, np.round(level).tolist())
-    return level[band]
+        total = hist[b].sum()
+        if total >= min_count:
+            cum = np.cumsum(hist[b])
+            med = lo + width * (np.searchsorted(cum, total / 2.0) + 0.5)
+            p16 = lo + width * (np.searchsorted(cum, total * 0.1587) + 0.5)
+            yield b, med, med - p16
+
+
+def _aligned_box(box, factors, shape) -> Tuple[slice, slice, slice]:
+    """Grow ``box`` to whole working-grid blocks where the array allows it."""
+    out = []
+    for sl, f, n in zip(box, factors, shape):
+        start, stop = sl.start, sl.stop
+        extra = (-(stop - start)) % f
+        stop = min(n, stop + extra)
+        start = max(0, start - ((-(stop - start)) % f))
+        out.append(slice(start, stop))
+    return tuple(out)  # type: ignore[return-value]
 
 
 def _radius_vox(radius_mm: float, spacing_zyx) -> list:
@@ -230,60 +428,51 @@ def _radius_vox(radius_mm: float, spacing_zyx) -> list:
     return [int(max(0, round(radius_mm / s))) for s in reversed(spacing_zyx)]
 
 
-def _thin_bright(smooth: np.ndarray, lung: np.ndarray, spacing_zyx) -> np.ndarray:
-    """Vessels and airway walls: bright (>= -300 HU) structures thinner than consolidation,
-    plus their partial-volume halo.
-
-    Bright lung voxels are vessel, bronchial wall or consolidation. Consolidation worth
-    reporting is at least ``2 * VESSEL_MAX_RADIUS_MM`` thick; what an opening of
-    that radius removes from the bright voxels is vessel or wall. Their halo (blur of
-    the bright core into the surrounding air) reaches ground-glass HU and is removed too.
-    """
-    bright = lung & (smooth >= CONSOLIDATION_HU)
-    if not bright.any():
-        return bright
-    thick = _opening(bright, spacing_zyx, VESSEL_MAX_RADIUS_MM)
-    thin = bright & ~thick
-    halo = sitk.BinaryDilate(sitk.GetImageFromArray(thin.astype(np.uint8)), _radius_vox(VESSEL_HALO_MM, spacing_zyx), sitk.sitkBall)
-    return (sitk.GetArrayFromImage(halo).astype(bool) | thin) & lung & ~thick
-
-
 def _shrink(array: np.ndarray, factors) -> np.ndarray:
-    """Block mean onto the working grid (edge-padded to whole blocks)."""
-    arr = np.asarray(array, dtype=np.float32)
+    """Block mean onto the working grid (a trailing partial block is dropped)."""
     if all(f == 1 for f in factors):
-        return arr
-    pads = [(0, (-n) % f) for n, f in zip(arr.shape, factors)]
-    if any(p[1] for p in pads):
-        arr = np.pad(arr, pads, mode="edge")
-    out = sitk.BinShrink(sitk.GetImageFromArray(arr), [int(f) for f in reversed(factors)])
+        return np.array(array)
+    out = sitk.BinShrink(sitk.GetImageFromArray(np.ascontiguousarray(array)), [int(f) for f in reversed(factors)])
     return sitk.GetArrayFromImage(out)
 
 
 def _upsample_nearest(a: np.ndarray, factors, shape) -> np.ndarray:
-    """Nearest-neighbour expansion back to the full grid (inverse of :func:`_shrink`)."""
+    """Nearest-neighbour expansion back to the full grid (inverse of :func:`_shrink`); a
+    trailing partial block copies its neighbour."""
     up = a
     for axis, f in enumerate(factors):
         if f > 1:
             up = np.repeat(up, f, axis=axis)
+    pads = [(0, max(0, n - m)) for n, m in zip(shape, up.shape)]
+    if any(p[1] for p in pads):
+        up = np.pad(up, pads, mode="edge")
     return up[: shape[0], : shape[1], : shape[2]]
+
+
+def _dilate(mask: np.ndarray, spacing_zyx, radius_mm: float) -> np.ndarray:
+    img = sitk.GetImageFromArray(mask.view(np.uint8) if mask.dtype == bool else mask.astype(np.uint8))
+    return sitk.GetArrayFromImage(sitk.BinaryDilate(img, _radius_vox(radius_mm, spacing_zyx), sitk.sitkBall)).astype(bool)
 
 
 def _opening(mask: np.ndarray, spacing_zyx, radius_mm: float) -> np.ndarray:
     """Binary opening by a ball of ``radius_mm`` (anisotropy-aware radius in voxels).
 
-    The lung outside counts as background, on purpose: the partial-volume band where the
-    diaphragm dome or the chest wall cuts a slice is thin normal to the pleura and must
-    go, while a real subpleural lesion thicker than the ball survives the erosion from
+    The lung outside counts as background, on purpose: a thin dense sheet along the pleura
+    must go, while a real subpleural lesion thicker than the ball survives the erosion from
     the pleural side and is restored by the dilation.
     """
+    if not mask.any():
+        return mask.copy()
     radius = _radius_vox(radius_mm, spacing_zyx)
-    eroded = sitk.BinaryErode(sitk.GetImageFromArray(mask.astype(np.uint8)), radius, sitk.sitkBall)
+    img = sitk.GetImageFromArray(mask.astype(np.uint8))
+    eroded = sitk.BinaryErode(img, radius, sitk.sitkBall)
     opened = sitk.GetArrayFromImage(sitk.BinaryDilate(eroded, radius, sitk.sitkBall))
     return opened.astype(bool) & mask
 
 
 def _closing_within(mask: np.ndarray, lung: np.ndarray, spacing_zyx, radius_mm: float) -> np.ndarray:
+    if not mask.any():
+        return mask
     radius = _radius_vox(radius_mm, spacing_zyx)
     img = sitk.GetImageFromArray(mask.astype(np.uint8))
     closed = sitk.GetArrayFromImage(sitk.BinaryMorphologicalClosing(img, radius, sitk.sitkBall)).astype(bool)
@@ -292,9 +481,7 @@ def _closing_within(mask: np.ndarray, lung: np.ndarray, spacing_zyx, radius_mm: 
 
 def _fill_holes_2d(mask: np.ndarray) -> np.ndarray:
     """Fill holes in every axial slice: vessels crossing a lesion belong to it."""
-    structure = np.zeros((3, 3, 3), bool)
-    structure[1] = ndi.generate_binary_structure(2, 1)
-    return ndi.binary_fill_holes(mask, structure=structure)
+    return ndi.binary_fill_holes(mask, structure=_inplane_cross())
 
 
 def _drop_small(mask: np.ndarray, spacing_zyx, min_ml: float) -> np.ndarray:

@@ -21,12 +21,14 @@ How the shell is measured: per axial slice, like the paper, with in-plane distan
 (Euclidean distance transform with ``sampling`` = pixel spacing). Per-slice is exact for any
 slice thickness (a 3D erosion with 5 mm slices can only erode in 5 mm steps along z) and
 keeps the paper's definition; each lung is eroded on its own so the shell follows each
-lung's own pleura, including the mediastinal pleura.
+lung's own pleura, including the mediastinal pleura. On sub-mm scans the distance runs on
+~1.5 mm blocks (the shell boundary moves by at most one block) to keep the zones well
+under a second on a 512x512x300 scan.
 """
 from __future__ import annotations
 
 import logging
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -39,6 +41,8 @@ log = logging.getLogger(__name__)
 
 #: Peripheral thickness (mm), see the module docstring for the choice.
 PERIPHERAL_THICKNESS_MM = 10.0
+#: In-plane block size (mm) on which the shell's distance transform runs for sub-mm scans.
+SHELL_GRID_MM = 1.5
 
 
 def compute_zones(
@@ -63,30 +67,38 @@ def compute_zones(
     """
     if right.shape != ct.shape or left.shape != ct.shape:
         raise ValueError(f"lung masks {right.shape}/{left.shape} do not match the CT {ct.shape}")
-    if not right.any() and not left.any():
-        raise LungsNotFoundError("The lung masks are empty, so no lung zones can be defined.")
     if peripheral_thickness_mm < 0:
         raise ValueError("peripheral_thickness_mm must be >= 0")
+    boxes = [mask_bbox(right, pad=1), mask_bbox(left, pad=1)]
+    if boxes[0] is None and boxes[1] is None:
+        raise LungsNotFoundError("The lung masks are empty, so no lung zones can be defined.")
     labels = np.zeros(ct.shape, np.uint8)
     peripheral = np.zeros(ct.shape, bool)
-    for first_label, mask in ((1, right), (4, left)):
-        if not mask.any():
+    for first_label, mask, box in ((1, right, boxes[0]), (4, left, boxes[1])):
+        if box is None:
             continue
-        box = _bbox(mask, pad=1)
         sub = mask[box]
         labels[box] |= _thirds(ct, sub, box, first_label)
         peripheral[box] |= _shell(sub, ct.spacing, peripheral_thickness_mm)
     return LungZones(labels=labels, peripheral=peripheral, peripheral_thickness_mm=float(peripheral_thickness_mm))
 
 
-def _bbox(mask: np.ndarray, pad: int = 0) -> Tuple[slice, slice, slice]:
-    """Bounding box of a mask as slices, padded by ``pad`` voxels (clipped to the array)."""
-    out = []
-    for axis in range(mask.ndim):
-        other = tuple(a for a in range(mask.ndim) if a != axis)
-        idx = np.flatnonzero(mask.any(axis=other))
-        out.append(slice(max(0, idx[0] - pad), min(mask.shape[axis], idx[-1] + 1 + pad)))
-    return tuple(out)  # type: ignore[return-value]
+def mask_bbox(mask: np.ndarray, pad: int = 0) -> Optional[Tuple[slice, slice, slice]]:
+    """Bounding box of a 3D bool mask as slices, padded by ``pad`` voxels (clipped to the
+    array); None when the mask is empty.
+
+    Two passes over the mask as bytes (per-slice max, then an OR over the occupied slices)
+    instead of three ``any`` projections: ~5x faster on a 512x512x300 mask.
+    """
+    m = np.ascontiguousarray(mask).view(np.uint8)
+    ks = np.flatnonzero(m.reshape(m.shape[0], -1).max(axis=1))
+    if ks.size == 0:
+        return None
+    yx = np.bitwise_or.reduce(m[ks[0]: ks[-1] + 1], axis=0)
+    ys, xs = np.flatnonzero(yx.max(axis=1)), np.flatnonzero(yx.max(axis=0))
+    return tuple(
+        slice(max(0, int(i[0]) - pad), min(n, int(i[-1]) + 1 + pad)) for i, n in zip((ks, ys, xs), m.shape)
+    )  # type: ignore[return-value]
 
 
 def _superior_mm(ct: CTVolume, box: Tuple[slice, slice, slice]):
@@ -106,6 +118,9 @@ def _superior_mm(ct: CTVolume, box: Tuple[slice, slice, slice]):
 
 def _thirds(ct: CTVolume, sub: np.ndarray, box, first_label: int) -> np.ndarray:
     """Label the upper, middle and lower thirds of one lung's craniocaudal extent."""
+    step = (ct.direction @ np.diag(ct.spacing)).T @ LPS_SUPERIOR
+    if abs(step[0]) < 1e-6 and abs(step[1]) < 1e-6:
+        return _thirds_axial(ct, sub, box, first_label, float(step[2]))
     lo, hi = np.inf, -np.inf
     for k, s in enumerate(_superior_mm(ct, box)):
         if sub[k].any():
@@ -122,17 +137,43 @@ def _thirds(ct: CTVolume, sub: np.ndarray, box, first_label: int) -> np.ndarray:
     return out
 
 
+def _thirds_axial(ct: CTVolume, sub: np.ndarray, box, first_label: int, step_k: float) -> np.ndarray:
+    """Fast path when slices are axial: the superior coordinate is one value per slice."""
+    offset = float(np.dot(ct.origin, LPS_SUPERIOR))
+    ks = np.arange(box[0].start, box[0].stop)
+    superior = offset + ks * step_k
+    present = sub.any(axis=(1, 2))
+    lo, hi = float(superior[present].min()), float(superior[present].max())
+    third = max((hi - lo) / 3.0, 1e-6)
+    zone = (first_label + np.clip(((hi - superior) / third).astype(np.int16), 0, 2)).astype(np.uint8)
+    return sub * zone[:, None, None]
+
+
 def _shell(sub: np.ndarray, spacing_xyz, thickness_mm: float) -> np.ndarray:
     """Lung minus its per-slice erosion by a disc of ``thickness_mm`` (in-plane mm).
 
-    One exact 2D Euclidean distance transform per axial slice (the padded bounding box
-    gives every slice a background border); measured faster than one 3D transform.
+    The in-plane Euclidean distance to the nearest non-lung pixel, one 2D distance
+    transform per slice (the padded bounding box gives every slice a background border).
+    Sub-mm scans are measured on blocks of ``SHELL_GRID_MM`` (a block is
+    background when any of its pixels is): the shell is then exact to within one block,
+    at a quarter of the cost.
     """
     out = np.zeros(sub.shape, bool)
     if thickness_mm <= 0:
         return out
-    sampling = (spacing_xyz[1], spacing_xyz[0])
-    for k in range(sub.shape[0]):
-        if sub[k].any():
-            out[k] = sub[k] & (ndi.distance_transform_edt(sub[k], sampling=sampling) <= thickness_mm)
-    return out
+    sy, sx = float(spacing_xyz[1]), float(spacing_xyz[0])
+    fy, fx = max(1, int(SHELL_GRID_MM // sy)), max(1, int(SHELL_GRID_MM // sx))
+    nz, ny, nx = sub.shape
+    py, px = (-ny) % fy, (-nx) % fx
+    background = ~sub
+    if py or px:
+        background = np.pad(background, ((0, 0), (0, py), (0, px)), constant_values=True)
+    if fy > 1 or fx > 1:
+        background = background.reshape(nz, (ny + py) // fy, fy, (nx + px) // fx, fx).any(axis=(2, 4))
+    inner = ~background
+    near = np.zeros(inner.shape, bool)
+    for k in np.flatnonzero(inner.any(axis=(1, 2))):
+        near[k] = ndi.distance_transform_edt(inner[k], sampling=(sy * fy, sx * fx)) <= thickness_mm
+    if fy > 1 or fx > 1:
+        near = np.repeat(np.repeat(near, fy, axis=1), fx, axis=2)[:, :ny, :nx]
+    return sub & near

@@ -72,15 +72,16 @@ def _tumour_mask(shape, csv_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="known gap: dependent/basal density and apical partial volume on this 5 mm "
-                   "scan give ~3 % LVR in the tumour-free right lung and peritumoural opacity in the left")
 def test_a0001_small_lvr_apart_from_tumour(a0001, a0001_nii):
+    """Non-COVID lung: dependent density, dome / apical partial volume and hilar vessels
+    must not become lesions; the tumour must."""
     ct, right, left = a0001
     les = detect_lesions(ct, _lungs(right, left))
     tumour = _tumour_mask(ct.shape, a0001_nii.parent / "tumour_boxes.csv")
     lung = right | left
     outside = _lvr(les.lesion & ~tumour, lung)
-    assert outside < 1.0, outside
+    assert outside < 1.5, outside
+    assert _lvr(les.lesion, right) < 1.0  # the tumour-free lung
     # the tumour itself is found
     assert np.count_nonzero(les.lesion & tumour) > 0.3 * np.count_nonzero(tumour & lung & (ct.array > -300))
 
@@ -123,5 +124,5 @@ def test_covid_scan_slice_auc(covid_dicom_dir, covid_infected_csv):
     plain = (lung & (ct.array > -750) & (ct.array < -300)).sum((1, 2)) / np.maximum(per_lung, 1)
     auc, auc_plain = _auc(share[has], labels[has]), _auc(plain[has], labels[has])
     print(f"slice AUC engine {auc:.3f}, plain -750..-300 HU threshold {auc_plain:.3f}")
-    assert auc >= 0.85
+    assert auc >= 0.9
     assert auc > auc_plain
