@@ -153,9 +153,19 @@ def _upsample_axis(a: np.ndarray, axis: int, f: int, start: int, stop: int) -> n
 
 
 def smooth_noise(rng: np.random.Generator, shape: Sequence[int], sigma_vox: Sequence[float]) -> np.ndarray:
-    """Unit-variance smooth Gaussian random field (float32) on a small grid."""
-    white = rng.standard_normal(tuple(shape), dtype=np.float32)
-    field = ndimage.gaussian_filter(white, sigma=sigma_vox, mode="wrap", truncate=3.0)
+    """Unit-variance smooth Gaussian random field (float32) on a small grid.
+
+    Wide fields are made on a grid coarser by k (sigma/k >= 1.5 voxels) and linearly
+    up-sampled: same look, ~k^3 less filtering.
+    """
+    shape = tuple(int(n) for n in shape)
+    sigma = np.broadcast_to(np.asarray(sigma_vox, dtype=float), (len(shape),))
+    k = tuple(max(1, int(s // 1.5)) for s in sigma)
+    small = tuple(-(-(n - 1) // ka) + 1 for n, ka in zip(shape, k))
+    white = rng.standard_normal(small, dtype=np.float32)
+    field = ndimage.gaussian_filter(white, sigma=tuple(s / ka for s, ka in zip(sigma, k)), mode="wrap", truncate=3.0)
+    if any(ka > 1 for ka in k):
+        field = upsample_linear(field, k, tuple(slice(0, n) for n in shape))
     std = float(field.std())
     return field / std if std > 0 else field
 
