@@ -266,7 +266,7 @@ def plan_lesions(
             axes = _orthonormal_from(normal, rng)
             aspect = np.array([1.3, 1.15, 0.67]) * rng.uniform(0.9, 1.1, 3)
             crazy = bool(rng.random() < 0.4)
-            core = 0.5 if rng.random() < 0.25 + lvr_percent / 100.0 else 0.0
+            core = 0.75 if rng.random() < 0.25 + lvr_percent / 100.0 else 0.0
             ggo = float(rng.uniform(-700, -450))
             cons = float(rng.uniform(-40, 60))
         else:
@@ -454,7 +454,7 @@ class LesionGrower:
             for a in range(3)
         )
         self.ret_c = None
-        if any(p.crazy for p in self.plans):
+        if any(p.crazy for p in self.plans) or self.kind == "covid":
             # Only the coarse box the lesions reach needs the septal-line field.
             sig = np.maximum(4.0 / self.geom_c.spacing[::-1], 0.8)
             cbox = tuple(slice(int(nz[a].min()), int(nz[a].max()) + 1) for a in range(3))
@@ -567,14 +567,20 @@ class LesionGrower:
         crazy = np.array([p.crazy for p in self.plans])[owner]
         core = np.array([p.core_fraction for p in self.plans], dtype=np.float32)[owner]
         tv = np.where(crazy, CRAZY_PAVING, GGO).astype(np.uint8)
-        tv[fv < core * np.float32(self.t)] = CONSOLIDATION
+        cons = fv < core * np.float32(self.t)
+        R = None
+        if self.ret_c is not None and (np.any(tv == CRAZY_PAVING) or (self.kind == "covid" and cons.any())):
+            R = upsample_linear(self.ret_c, self.f, box)[sel]
+        if self.kind == "covid" and R is not None:
+            # COVID consolidation is patchy inside the ground glass, not a round core.
+            cons &= R > 0.3
+        tv[cons] = CONSOLIDATION
         types = np.zeros(sel.shape, dtype=np.uint8)
         types[sel] = tv
         lesion_type[box] = types
         if hu is not None:
             reticular = np.zeros(fv.shape, dtype=bool)
-            if self.ret_c is not None and np.any(tv == CRAZY_PAVING):
-                R = upsample_linear(self.ret_c, self.f, box)[sel]
+            if R is not None:
                 reticular = (np.abs(R) < 0.14) & (tv == CRAZY_PAVING)
             depth = np.clip(1.0 - fv / max(self.t, 1e-6), 0.0, 1.0)
             local = (slice(a - k0, b - k0), box[1], box[2])
