@@ -318,36 +318,52 @@ class _Anatomy:
         inner = (X / (BODY_HALF[0] - FAT_MM)) ** 2 + (Y / (BODY_HALF[1] - FAT_MM)) ** 2 < 1.0
         sec[inner] = MUSCLE
         self.sec = sec
-        self.x2 = X ** 2
+        # Everything below is evaluated on small boxes: the thoracic cavity (its widest,
+        # at the base), the spine and the sternum.
         cyy = Y - CAVITY_YC
-        self.cy2 = np.broadcast_to((cyy / CAVITY_HALF_Y) ** 2, (ny, nx))
-        self.zd = _diaphragm_z(X, Y).astype(np.float32)
-        m = np.interp(Y, _MED_Y, _MED_HALF)
-        self.med_right = np.broadcast_to(X < MED_XC - m, (ny, nx))
-        self.med_left = np.broadcast_to(X > MED_XC + m, (ny, nx))
-        self.apex = _apex_term(X, Y).astype(np.float32)
-        self.heart = (((X - HEART_C[0]) / HEART_R[0]) ** 2 + ((Y - HEART_C[1]) / HEART_R[1]) ** 2).astype(np.float32)
+        full = (ny, nx)
+        self.cbox = _bbox2d(np.broadcast_to((X / CAVITY_HALF_X) ** 2 + (cyy / CAVITY_HALF_Y) ** 2 < 1.0, full))
+        cb = self.cbox
+        Xc, Yc = X[:, cb[1]], Y[cb[0], :]
+        self.x2 = Xc ** 2
+        self.cy2 = ((Yc - CAVITY_YC) / CAVITY_HALF_Y) ** 2
+        self.zd = np.ascontiguousarray(np.broadcast_to(_diaphragm_z(Xc, Yc), self._cshape()).astype(np.float32))
+        m = np.interp(Yc, _MED_Y, _MED_HALF)
+        self.med_right = np.ascontiguousarray(np.broadcast_to(Xc < MED_XC - m, self._cshape()))
+        self.med_left = np.ascontiguousarray(np.broadcast_to(Xc > MED_XC + m, self._cshape()))
+        self.apex = np.ascontiguousarray(np.broadcast_to(_apex_term(Xc, Yc), self._cshape()).astype(np.float32))
+        self.heart = (((Xc - HEART_C[0]) / HEART_R[0]) ** 2 + ((Yc - HEART_C[1]) / HEART_R[1]) ** 2).astype(np.float32)
+        # Ribs live on a ring just outside the cavity (full plane, handled as flat indices).
+        self.x2_full = X ** 2
+        self.cy2_full = np.broadcast_to((cyy / CAVITY_HALF_Y) ** 2, full)
         phi_cos = cyy / np.maximum(np.hypot(X, cyy), 1e-3)  # 1 posterior, -1 anterior
-        self.rib_drop = np.broadcast_to(RIB_DROP * (1.0 - phi_cos) / 2.0, (ny, nx)).astype(np.float32)
-        self.no_rib = np.broadcast_to((np.abs(X) < 28.0) & (Y < 0), (ny, nx))
+        self.rib_drop = np.broadcast_to(RIB_DROP * (1.0 - phi_cos) / 2.0, full).astype(np.float32)
+        self.no_rib = np.broadcast_to((np.abs(X) < 28.0) & (Y < 0), full)
         sternum = np.broadcast_to((np.abs(X) < 17.0) & (Y > -CAVITY_HALF_Y + CAVITY_YC - 11.0)
-                                  & (Y < -CAVITY_HALF_Y + CAVITY_YC + 1.0), (ny, nx))
-        self.sternum = sternum
-        self.sternum_cortex = sternum & ~ndimage.binary_erosion(sternum, iterations=1)
+                                  & (Y < -CAVITY_HALF_Y + CAVITY_YC + 1.0), full)
+        self.stbox = _bbox2d(sternum)
+        self.sternum = sternum[self.stbox]
+        self.sternum_cortex = self.sternum & ~ndimage.binary_erosion(self.sternum, iterations=1, border_value=0)
         rc = np.hypot(X - CANAL_C[0], Y - CANAL_C[1])
         vb = ((X - SPINE_BODY_C[0]) / SPINE_BODY_R[0]) ** 2 + ((Y - SPINE_BODY_C[1]) / SPINE_BODY_R[1]) ** 2
         post = ((rc >= CANAL_R) & (rc < CANAL_R + 6.0) & (Y > CANAL_C[1] - 6.0)) | (
             (np.abs(X) < 4.0) & (Y > CANAL_C[1] + CANAL_R) & (Y < 100.0)) | ((np.abs(X) < 34.0) & (np.abs(Y - 79.0) < 5.0))
-        self.vb = np.broadcast_to(vb < 1.0, (ny, nx))
-        self.vb_cortex = np.broadcast_to((vb >= 0.75) & (vb < 1.0), (ny, nx)) | post
-        self.canal = np.broadcast_to(rc < CANAL_R, (ny, nx))
+        vb_all = np.broadcast_to(vb < 1.0, full)
+        vb_cortex = np.broadcast_to((vb >= 0.75) & (vb < 1.0), full) | post
+        canal = np.broadcast_to(rc < CANAL_R, full)
+        self.sbox = _bbox2d(vb_all | vb_cortex | canal)
+        self.vb, self.vb_cortex, self.canal = vb_all[self.sbox], vb_cortex[self.sbox], canal[self.sbox]
         self._ring_cache: Tuple[float, np.ndarray, np.ndarray, np.ndarray] = (np.nan, None, None, None)  # type: ignore
 
+    def _cshape(self) -> Tuple[int, int]:
+        return (self.cbox[0].stop - self.cbox[0].start, self.cbox[1].stop - self.cbox[1].start)
+
     def _ring(self, cx: float):
-        """Cavity mask and the rib ring (flat indices, their rho) for a cavity half-width."""
+        """Cavity mask (cavity box) and the rib ring (flat indices, their rho) for a cavity
+        half-width."""
         if self._ring_cache[0] != cx:
-            rho2 = self.x2 * (1.0 / cx ** 2) + self.cy2
-            cavity = rho2 < 1.0
+            cavity = self.x2 * (1.0 / cx ** 2) + self.cy2 < 1.0
+            rho2 = self.x2_full * (1.0 / cx ** 2) + self.cy2_full
             ring = np.flatnonzero((rho2 >= 1.0) & (rho2 < (1.0 + RIB_THICK) ** 2) & ~self.no_rib)
             self._ring_cache = (cx, cavity, ring, np.sqrt(rho2.reshape(-1)[ring]))
         return self._ring_cache[1:]
@@ -355,18 +371,19 @@ class _Anatomy:
     def slice_labels(self, z: float) -> np.ndarray:
         sl = self.sec.copy()
         cavity, ring, rho = self._ring(float(_cavity_half_x(z)))
-        np.copyto(sl, MEDIASTINUM, where=cavity)
+        c = sl[self.cbox]
+        np.copyto(c, MEDIASTINUM, where=cavity)
         below = self.zd >= z
-        np.copyto(sl, ABDOMEN, where=cavity & below)
+        np.copyto(c, ABDOMEN, where=cavity & below)
         if z < LUNG_APEX_Z:
             lung = cavity & ~below & (self.apex < max((LUNG_APEX_Z - z) / APEX_H, 1e-6))
             hz = 1.0 - ((z - HEART_C[2]) / HEART_R[2]) ** 2
             if hz > 0:
                 lung &= self.heart >= hz
-            np.copyto(sl, LUNG_R, where=lung & self.med_right)
-            np.copyto(sl, LUNG_L, where=lung & self.med_left)
+            np.copyto(c, LUNG_R, where=lung & self.med_right)
+            np.copyto(c, LUNG_L, where=lung & self.med_left)
             if hz > 0:
-                np.copyto(sl, BLOOD, where=self.heart < hz)
+                np.copyto(c, BLOOD, where=self.heart < hz)
         # Ribs: bands around the cavity, sloping down anteriorly.
         u = (z + self.rib_drop.reshape(-1)[ring] - RIB_TOP) / RIB_PITCH
         kk = np.round(u)
@@ -376,14 +393,16 @@ class _Anatomy:
         flat = sl.reshape(-1)
         flat[ring[is_rib]] = np.where(cortex[is_rib], CORTEX, MARROW)
         if -115.0 < z < 110.0:
-            np.copyto(sl, MARROW, where=self.sternum)
-            np.copyto(sl, CORTEX, where=self.sternum_cortex)
+            st = sl[self.stbox]
+            np.copyto(st, MARROW, where=self.sternum)
+            np.copyto(st, CORTEX, where=self.sternum_cortex)
+        sp = sl[self.sbox]
         if (z - 3.0) % VERTEBRA_PITCH < 5.0:
-            np.copyto(sl, DISC, where=self.vb)
+            np.copyto(sp, DISC, where=self.vb)
         else:
-            np.copyto(sl, MARROW, where=self.vb)
-            np.copyto(sl, CORTEX, where=self.vb_cortex)
-        np.copyto(sl, CSF, where=self.canal)
+            np.copyto(sp, MARROW, where=self.vb)
+            np.copyto(sp, CORTEX, where=self.vb_cortex)
+        np.copyto(sp, CSF, where=self.canal)
         for a, b, r, lab in _TUBES:
             _paint_tube_slice(sl, self.grid, z, a, b, r, lab, only=_SOFT)
         for a, b, r, w in _AIRWAYS:
@@ -391,6 +410,14 @@ class _Anatomy:
         for a, b, r, w in _AIRWAYS:
             _paint_tube_slice(sl, self.grid, z, a, b, r, AIRWAY)
         return sl
+
+
+def _bbox2d(mask: np.ndarray) -> Tuple[slice, slice]:
+    """Bounding box (row, column slices) of a 2-D mask; an empty 1x1 box if it is empty."""
+    rows, cols = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+    if rows.size == 0:
+        return slice(0, 1), slice(0, 1)
+    return slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1)
 
 
 _SOFT = [MEDIASTINUM, LUNG_R, LUNG_L, ABDOMEN, MUSCLE]
