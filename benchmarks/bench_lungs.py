@@ -2,8 +2,8 @@
 
 Run: ``python benchmarks/bench_lungs.py [--unet-slices N | --full]``
 
-The CT is a COVID phantom generated at half resolution (fast) and resampled linearly to
-300×512×512 at 0.7×0.7×1.0 mm; its ground truth is resampled with nearest neighbours.
+The CT is a COVID phantom generated directly at 300×512×512, 0.7×0.7×1.0 mm (~11 s), with
+its own ground truth lungs.
 Each method runs in its own forked process (peak RSS is per process). The U-Net
 (``UNet2D`` with R231's width: depth 5, 64..1024 channels, ~29 M parameters, random
 weights, 256×256 input per slice as R231) costs the same per slice whatever its weights,
@@ -18,38 +18,24 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import SimpleITK as sitk
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _measure import measure, print_table  # noqa: E402
 
+from CovidCTDxLib.lungs import segment_lungs  # noqa: E402  (imported once: time the engine, not imports)
 from CovidCTDxLib.volume import CTVolume  # noqa: E402
 
 SHAPE = (300, 512, 512)
 SPACING = (0.7, 0.7, 1.0)
 
 
-def _resample(array: np.ndarray, spacing, shape, out_spacing, linear: bool) -> np.ndarray:
-    img = sitk.GetImageFromArray(array)
-    img.SetSpacing(spacing)
-    ref = sitk.Image([shape[2], shape[1], shape[0]], img.GetPixelID())
-    ref.SetSpacing(out_spacing)
-    interp = sitk.sitkLinear if linear else sitk.sitkNearestNeighbor
-    return sitk.GetArrayFromImage(sitk.Resample(img, ref, sitk.Transform(), interp, float(array.min())))
-
-
 def make_ct():
     from CovidCTDxLib.phantom import make_phantom
 
-    half_spacing = tuple(2 * s for s in SPACING)
-    p = make_phantom(kind="covid", severity="moderate", shape=tuple(n // 2 for n in SHAPE), spacing=half_spacing, seed=0)
-    hu = _resample(p.ct.array.astype(np.float32), half_spacing, SHAPE, SPACING, True).astype(np.int16)
-    right = _resample(p.right_lung.astype(np.uint8), half_spacing, SHAPE, SPACING, False).astype(bool)
-    left = _resample(p.left_lung.astype(np.uint8), half_spacing, SHAPE, SPACING, False).astype(bool)
-    return CTVolume(hu, SPACING, p.ct.origin), right, left
+    p = make_phantom(kind="covid", severity="moderate", shape=SHAPE, spacing=SPACING, seed=0)
+    return p.ct, p.right_lung, p.left_lung
 
 
 def _dice(a, b) -> float:
@@ -57,8 +43,6 @@ def _dice(a, b) -> float:
 
 
 def run_engine(ct, right, left):
-    from CovidCTDxLib.lungs import segment_lungs
-
     m = segment_lungs(ct)
     return {"dice_right": _dice(m.right, right), "dice_left": _dice(m.left, left)}
 
@@ -80,6 +64,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--unet-slices", type=int, default=24, help="slices the U-Net runs on (time extrapolated)")
     ap.add_argument("--full", action="store_true", help="run the U-Net on all 300 slices")
+    ap.add_argument("--repeat", type=int, default=3, help="engine runs (the machine is shared: report best and median)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     t = time.perf_counter()
@@ -87,8 +72,13 @@ def main() -> None:
     print(f"CT {ct.shape} at {ct.spacing} mm built in {time.perf_counter() - t:.1f} s")
     n = SHAPE[0] if args.full else min(args.unet_slices, SHAPE[0])
 
-    eng = measure(run_engine, ct, right, left)
-    rows = [["classical engine", eng["wall_s"], "measured", eng["peak_rss_gb"], f"{eng['extra']['dice_right']:.4f}", f"{eng['extra']['dice_left']:.4f}"]]
+    runs = sorted((measure(run_engine, ct, right, left) for _ in range(max(1, args.repeat))), key=lambda r: r["wall_s"])
+    eng = runs[0]
+    median = runs[len(runs) // 2]["wall_s"]
+    rows = [[
+        "classical engine", eng["wall_s"], f"best of {len(runs)} (median {median:.2f} s)", eng["peak_rss_gb"],
+        f"{eng['extra']['dice_right']:.4f}", f"{eng['extra']['dice_left']:.4f}",
+    ]]
     for wf, name in ((6, "U-Net R231 size (wf 6)"), (4, "U-Net light (wf 4)")):
         res = measure(run_unet, ct, n, wf)
         scale = SHAPE[0] / n
