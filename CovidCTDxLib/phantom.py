@@ -598,21 +598,20 @@ def _psf_inplane(block: np.ndarray, sigma: Sequence[float]) -> np.ndarray:
     for axis, s in ((1, sigma[0]), (2, sigma[1])):
         e = np.exp(-1.0 / (2.0 * s * s))
         w = np.float32(e / (1.0 + 2.0 * e))
+
+        def at(sl: slice) -> tuple:
+            idx = [slice(None)] * 3
+            idx[axis] = sl
+            return tuple(idx)
+
         src = block
         block = src * np.float32(1.0 - 2.0 * w)
-        lo = [slice(None)] * 3
-        hi = [slice(None)] * 3
-        lo[axis], hi[axis] = slice(0, -1), slice(1, None)
-        lo, hi = tuple(lo), tuple(hi)
-        tmp = src[lo] * w
-        block[hi] += tmp
-        np.multiply(src[hi], w, out=tmp)
-        block[lo] += tmp
-        edge0 = [slice(None)] * 3
-        edge1 = [slice(None)] * 3
-        edge0[axis], edge1[axis] = slice(0, 1), slice(-1, None)
-        block[tuple(edge0)] += w * src[tuple(edge0)]
-        block[tuple(edge1)] += w * src[tuple(edge1)]
+        # out[i] = (1 - 2w) x[i] + w (x[i-1] + x[i+1]), edges replicated.
+        pair = np.add(src[at(slice(0, -2))], src[at(slice(2, None))])
+        pair *= w
+        block[at(slice(1, -1))] += pair
+        block[at(slice(0, 1))] += w * (src[at(slice(0, 1))] + src[at(slice(1, 2))])
+        block[at(slice(-1, None))] += w * (src[at(slice(-1, None))] + src[at(slice(-2, -1))])
     return block
 
 
@@ -626,9 +625,10 @@ def _scanner(block: np.ndarray, sigma: Sequence[float], scale: float, rng: np.ra
     noise = np.frombuffer(rng.bytes(block.size), dtype=np.int8).reshape(block.shape)
     block += np.multiply(noise, np.float32(scale), dtype=np.float32)
     block = _psf_inplane(block, sigma)
-    np.clip(block, -1024, 3071, out=block)
     np.rint(block, out=block)
-    return block.astype(np.int16)
+    out = block.astype(np.int16)  # values stay within -1100..3000, well inside int16
+    np.maximum(out, -1024, out=out)  # the scanner's air floor
+    return out
 
 
 # =========================================================================== public API
