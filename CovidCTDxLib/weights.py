@@ -178,8 +178,15 @@ def save_weights(path: PathLike, state_dict: Mapping[str, torch.Tensor], card: M
 
 # ---------------------------------------------------------------------------- load
 def _sniff(path: Path, head: bytes, size: int) -> None:
-    """Refuse pickles / torch zip checkpoints before anything parses them."""
-    if head[:1] == b"\x80" or head[:2] == b"PK":
+    """Refuse pickles / torch zip checkpoints before anything parses them.
+
+    A safetensors file starts with its header length (8 bytes, little-endian) and then
+    ``{``; its first byte can be 0x80 (a header of 128 + 256·k bytes), so the pickle test
+    only applies to files that do not have that structure.
+    """
+    looks_like_safetensors = size >= 9 and head[8:9] == b"{"
+    is_pickle = head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
+    if not looks_like_safetensors and (is_pickle or head[:4] == b"PK\x03\x04"):
         raise WeightsError(
             f"{path.name} is a pickle/torch.save checkpoint, not a safetensors weights file. "
             "Pickle files can run code when loaded, so CovidCTDx refuses them; convert the "

@@ -131,3 +131,17 @@ def test_foreign_safetensors_without_card(tmp_path):
 def test_non_tensor_state_is_refused(tmp_path):
     with pytest.raises(TypeError):
         save_weights(tmp_path / "x.safetensors", {"step": 3}, _card())
+
+
+def test_header_length_starting_with_0x80_is_not_mistaken_for_a_pickle(tmp_path):
+    """A safetensors header of 128 + 256·k bytes makes the file start with byte 0x80."""
+    card = _card()
+    for pad in range(0, 300):
+        card.notes = "x" * pad
+        path = tmp_path / "w.safetensors"
+        save_weights(path, {"w": torch.zeros(2)}, card)
+        if path.read_bytes()[:1] == b"\x80":
+            break
+    else:
+        pytest.fail("could not produce a header length with low byte 0x80")
+    assert load_weights(path, "toy").card.notes == card.notes
