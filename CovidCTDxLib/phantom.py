@@ -578,7 +578,7 @@ def _psf_sigma_vox(spacing_xyz: Sequence[float]) -> Tuple[float, float]:
 #: Std of the uniform int8 noise source (values -128..127).
 _INT8_STD = float(np.sqrt((256 ** 2 - 1) / 12.0))
 #: Worker threads for the slice loops (numpy releases the GIL in its array loops).
-_WORKERS = max(1, min(2, os.cpu_count() or 1))
+_WORKERS = max(1, min(4, os.cpu_count() or 1))
 
 
 def _noise_gain(sigma: Sequence[float]) -> float:
