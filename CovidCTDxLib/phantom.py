@@ -739,15 +739,25 @@ def make_phantom(
     clock("vessel trees")
 
     labels = np.empty(cshape, dtype=np.uint8)
-    right = np.empty(cshape, dtype=bool)
-    left = np.empty(cshape, dtype=bool)
+    # Masks start as (lazily mapped) zeros and are written only where their structure can
+    # be: untouched pages cost nothing, touched ones a page fault each.
+    right = np.zeros(cshape, dtype=bool)
+    left = np.zeros(cshape, dtype=bool)
+    airways = np.zeros(cshape, dtype=bool)
+    airway_top = max(max(a[2], b[2]) + r + w for a, b, r, w in _AIRWAYS)
+    airway_bottom = min(min(a[2], b[2]) - r - w for a, b, r, w in _AIRWAYS)
 
     def label_slices(k0: int, k1: int) -> None:
         anatomy = _Anatomy(grid)  # one per thread: it caches per-slice state
+        cb = anatomy.cbox  # the lungs lie inside the thoracic cavity's box
         for k in range(k0, k1):
-            labels[k] = anatomy.slice_labels(float(grid.z[k]))
-            np.equal(labels[k], LUNG_R, out=right[k])
-            np.equal(labels[k], LUNG_L, out=left[k])
+            z = float(grid.z[k])
+            labels[k] = anatomy.slice_labels(z)
+            if z < LUNG_APEX_Z:
+                np.equal(labels[k][cb], LUNG_R, out=right[k][cb])
+                np.equal(labels[k][cb], LUNG_L, out=left[k][cb])
+            if airway_bottom <= z <= airway_top:
+                np.equal(labels[k], AIRWAY, out=airways[k])
 
     bounds = np.linspace(0, nz, 4 * _WORKERS + 1).astype(int)
     with (ThreadPoolExecutor(_WORKERS) if _WORKERS > 1 else nullcontext()) as pool:
@@ -756,7 +766,6 @@ def make_phantom(
         tubes = (pool.submit(_tube_fractions, grid, segments, _bronchi(segments)) if pool is not None
                  else _Done(_tube_fractions(grid, segments, _bronchi(segments))))
         _run(pool, label_slices, list(zip(bounds[:-1], bounds[1:])), progress, (0.0, 0.35), "phantom: anatomy")
-        airways = labels == AIRWAY
         body = np.empty(cshape, dtype=bool)
         body[:] = _Anatomy(grid).body[None]
         # In-plane box of the lungs: texture, vessels and lesions only matter there.
