@@ -310,8 +310,9 @@ def _paint_tube_slice(sl: np.ndarray, grid: _Canonical, z: float, a, b, radius: 
 class _Anatomy:
     """Axial-slice generator of tissue labels; z-invariant maps are computed once."""
 
-    def __init__(self, grid: _Canonical):
+    def __init__(self, grid: _Canonical, hilar_vessels=()):
         self.grid = grid
+        self.hilar_vessels = list(hilar_vessels)
         X = grid.x[None, :]
         Y = grid.y[:, None]
         ny, nx = grid.shape[1:]
@@ -417,6 +418,9 @@ class _Anatomy:
             _paint_tube_slice(sl, self.grid, z, a, b, r + w, AIRWAY_WALL, only=_SOFT + [BLOOD])
         for a, b, r, w in _AIRWAYS:
             _paint_tube_slice(sl, self.grid, z, a, b, r, AIRWAY)
+        # Large vessels at the hila are not lung (as in the reference lung masks).
+        for a, b, r in self.hilar_vessels:
+            _paint_tube_slice(sl, self.grid, z, a, b, r, BLOOD, only=_HILAR_OVER)
         return sl
 
 
@@ -429,6 +433,9 @@ def _bbox2d(mask: np.ndarray) -> Tuple[slice, slice]:
 
 
 _SOFT = [MEDIASTINUM, LUNG_R, LUNG_L, ABDOMEN, MUSCLE]
+_HILAR_OVER = [MEDIASTINUM, LUNG_R, LUNG_L]
+#: Vessels at least this thick (mm radius) count as hilar, not lung.
+HILAR_VESSEL_RADIUS = 3.0
 
 
 # --------------------------------------------------------------------------- vessels
@@ -511,7 +518,7 @@ def _bronchi(segments) -> List[Tuple[np.ndarray, np.ndarray, float, float]]:
     return out
 
 
-def _vessel_segments(rng: np.random.Generator, max_segments: int = 14000, peripheral_seeds: int = 70):
+def _vessel_segments(rng: np.random.Generator, max_segments: int = 14000, peripheral_seeds: int = 110):
     """Pulmonary artery and vein trees of both lungs (independent of the grid).
 
     Hilar trees give the large central vessels; small trees seeded throughout each lung
@@ -528,7 +535,7 @@ def _vessel_segments(rng: np.random.Generator, max_segments: int = 14000, periph
             roots.append((art, d, 4.5, side, True))
         for d in ((0.5 * sx, -0.5, 0.9), (1.0 * sx, 0.1, -0.3), (0.5 * sx, 0.5, -1.0), (0.7 * sx, -0.6, -0.6)):
             roots.append((vein, d, 4.0, side, False))
-        # Peripheral seeds: uniform in the lung (rejection sampling), radius 1-2 mm.
+        # Peripheral seeds: uniform in the lung (rejection sampling), radius 0.8-1.4 mm.
         hilum = (art + vein) / 2.0
         pts = np.empty((0, 3))
         while len(pts) < peripheral_seeds:
@@ -537,7 +544,7 @@ def _vessel_segments(rng: np.random.Generator, max_segments: int = 14000, periph
             pts = np.concatenate([pts, cand[_lung_side(cand[:, 0], cand[:, 1], cand[:, 2]) == side]])
         for p in pts[:peripheral_seeds]:
             d = p - hilum + rng.normal(0.0, 20.0, 3)
-            roots.append((p, d, float(rng.uniform(1.0, 2.0)), side, bool(rng.random() < 0.5)))
+            roots.append((p, d, float(rng.uniform(0.8, 1.4)), side, bool(rng.random() < 0.5)))
     return _grow_trees(rng, roots, max_segments)
 
 
@@ -745,6 +752,7 @@ def make_phantom(
     tex_c += (0.25 * (grid.y[0] + np.arange(shape_c[1]) * f[1] * cspacing[1]))[None, :, None].astype(np.float32)
     clock("vessel trees")
 
+    hilar = [(a, b, r) for a, b, r, _artery in segments if r >= HILAR_VESSEL_RADIUS]
     labels = np.empty(cshape, dtype=np.uint8)
     # Masks start as (lazily mapped) zeros and are written only where their structure can
     # be: untouched pages cost nothing, touched ones a page fault each.
@@ -755,7 +763,7 @@ def make_phantom(
     airway_bottom = min(min(a[2], b[2]) - r - w for a, b, r, w in _AIRWAYS)
 
     def label_slices(k0: int, k1: int) -> None:
-        anatomy = _Anatomy(grid)  # one per thread: it caches per-slice state
+        anatomy = _Anatomy(grid, hilar)  # one per thread: it caches per-slice state
         cb = anatomy.cbox  # the lungs lie inside the thoracic cavity's box
         for k in range(k0, k1):
             z = float(grid.z[k])
