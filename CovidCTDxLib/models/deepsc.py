@@ -59,6 +59,7 @@ class DeepSCConfig:
     exchange_init: Tuple[float, float] = (0.8, 0.2)  # (alpha, beta)
     num_classes: int = NUM_CLASSES
     seg_class_weights: Tuple[float, float] = (0.1, 1.0)  # CE weights (background, lesion)
+    cls_dropout: float = 0.0  # dropout on the 14w GAP vector (not in the paper; curbs overfitting on few scans)
 
     def __post_init__(self) -> None:
         self.patch_size = tuple(int(v) for v in self.patch_size)  # type: ignore[assignment]
@@ -82,7 +83,7 @@ class DeepSCConfig:
     @classmethod
     def cpu(cls) -> "DeepSCConfig":
         """The CPU configuration used by the demo weights (same code, smaller numbers)."""
-        return cls(width=8, patch_size=(16, 64, 64), cls_slices=32, cls_size=64, spacing=(2.5, 2.5, 4.0))
+        return cls(width=8, patch_size=(16, 64, 64), cls_slices=32, cls_size=64, spacing=(2.5, 2.5, 4.0), cls_dropout=0.3)
 
     def to_dict(self) -> Dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
@@ -177,9 +178,10 @@ class ClassificationSubnet(nn.Module):
     through a 1×1×1 conv to w/2 channels.
     """
 
-    def __init__(self, width: int, num_classes: int) -> None:
+    def __init__(self, width: int, num_classes: int, dropout: float = 0.0) -> None:
         super().__init__()
         w = width
+        self.dropout = nn.Dropout(dropout)
         self.lesion_in = nn.Conv3d(1, w // 2, 1)
         self.lesion_scale = nn.Parameter(torch.tensor(1.0))
         self.feat_in = nn.Conv3d(w, w // 2, 1)
@@ -194,7 +196,7 @@ class ClassificationSubnet(nn.Module):
             x = unit(x)
             maps.append(x)
         pooled = torch.cat([m.mean(dim=(2, 3, 4)) for m in maps], dim=1)
-        logits = self.fc(pooled)
+        logits = self.fc(self.dropout(pooled))
         cams = []
         offset = 0
         for m, c in zip(maps, self.splits):
@@ -215,7 +217,7 @@ class DeepSCCovid(nn.Module):
         self.cls_stem = InceptionStem3D(1, c.width)
         self.exchange = CrossTaskExchange(*c.exchange_init)
         self.lesion = LesionSubnet(c.width, c.seg_norm, c.deep_supervision)
-        self.classifier = ClassificationSubnet(c.width, c.num_classes)
+        self.classifier = ClassificationSubnet(c.width, c.num_classes, c.cls_dropout)
 
     def encode_slices(self, slices: torch.Tensor) -> torch.Tensor:
         """Classification stem features; cache them when many patches share one scan."""
