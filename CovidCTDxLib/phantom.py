@@ -434,8 +434,25 @@ def _bbox2d(mask: np.ndarray) -> Tuple[slice, slice]:
 
 _SOFT = [MEDIASTINUM, LUNG_R, LUNG_L, ABDOMEN, MUSCLE]
 _HILAR_OVER = [MEDIASTINUM, LUNG_R, LUNG_L]
-#: Vessels at least this thick (mm radius) count as hilar, not lung.
-HILAR_VESSEL_RADIUS = 3.0
+_HILAR_LENGTH = 12.0  # mm of each hilar vessel left out of the lung
+#: Where the pulmonary arteries and veins enter each lung (mm, LPS), right then left.
+_HILA = {"artery": (np.array([-48.0, 10.0, 24.0]), np.array([48.0, 10.0, 24.0])),
+         "vein": (np.array([-40.0, 4.0, -28.0]), np.array([40.0, 4.0, -28.0]))}
+
+
+def _hilar_vessels(segments) -> List[Tuple[np.ndarray, np.ndarray, float]]:
+    """The first segment of each hilar tree: large vessels joined to the mediastinal
+    pulmonary arteries/veins, which reference lung masks leave out of the lungs (thinner
+    intrapulmonary vessels are lung)."""
+    roots = [p for pair in _HILA.values() for p in pair]
+    out = []
+    for a, b, r, _artery in segments:
+        if any(np.allclose(a, h) for h in roots):
+            # Only the proximal part, which joins the mediastinal vessels in every slice;
+            # further out the vessel is surrounded by lung, and lung masks fill it in.
+            length = float(np.linalg.norm(b - a))
+            out.append((a, a + (b - a) * min(1.0, _HILAR_LENGTH / max(length, 1e-6)), r))
+    return out
 
 
 # --------------------------------------------------------------------------- vessels
@@ -528,8 +545,7 @@ def _vessel_segments(rng: np.random.Generator, max_segments: int = 14000, periph
     roots = []
     for name, side in (("right", 1), ("left", 2)):
         sx = _SX[name]
-        art = np.array([48.0 * sx, 10.0, 24.0])
-        vein = np.array([40.0 * sx, 4.0, -28.0])
+        art, vein = _HILA["artery"][side - 1], _HILA["vein"][side - 1]
         for d in ((0.4 * sx, 0.0, 1.0), (1.0 * sx, -0.3, 0.2), (0.6 * sx, -1.0, -0.4), (0.3 * sx, 0.6, -1.0),
                   (0.8 * sx, 0.2, -0.8)):
             roots.append((art, d, 4.5, side, True))
@@ -752,7 +768,7 @@ def make_phantom(
     tex_c += (0.25 * (grid.y[0] + np.arange(shape_c[1]) * f[1] * cspacing[1]))[None, :, None].astype(np.float32)
     clock("vessel trees")
 
-    hilar = [(a, b, r) for a, b, r, _artery in segments if r >= HILAR_VESSEL_RADIUS]
+    hilar = _hilar_vessels(segments)
     labels = np.empty(cshape, dtype=np.uint8)
     # Masks start as (lazily mapped) zeros and are written only where their structure can
     # be: untouched pages cost nothing, touched ones a page fault each.
