@@ -304,13 +304,18 @@ def infer_prepared(
     return prob_map, cls_probs, ev_acc / max(total_w, 1e-9), len(starts)
 
 
-def _to_ct_grid(grid_map: torch.Tensor, scan: PreparedScan, canon_shape: Tuple[int, int, int]) -> np.ndarray:
-    """Resample an unpadded model-grid map to the lung box and paste into a zero canonical array."""
+def _to_ct_grid(grid_map: torch.Tensor, scan: PreparedScan, lung: np.ndarray) -> np.ndarray:
+    """Resample a model-grid map (unpadded extent) to the lung box, zero it outside the
+    lungs and paste it into a zero array of the canonical CT shape.
+
+    Masking only inside the box keeps the full-volume work to one allocation.
+    """
     Z, Y, X = scan.shape
-    sub = grid_map[:Z, :Y, :X]
     crop_shape = tuple(s.stop - s.start for s in scan.crop)
-    out = np.zeros(canon_shape, dtype=np.float32)
-    out[scan.crop] = _resize(sub.float(), crop_shape).clamp_(0, 1).numpy()
+    out = np.zeros(lung.shape, dtype=np.float32)
+    sub = _resize(grid_map[:Z, :Y, :X].float(), crop_shape).clamp_(0, 1)
+    sub.mul_(torch.from_numpy(np.ascontiguousarray(lung[scan.crop])))
+    out[scan.crop] = sub.numpy()
     return out
 
 
@@ -355,15 +360,12 @@ def run_deepsc(
             if progress is not None:
                 progress(0.9, "Mapping DeepSC-COVID outputs back to the CT grid")
             label = int(np.argmax(cls_probs))
-            Zp, Yp, Xp = scan.volume.shape
-            ev_full = _resize(ev_grid[label], (Zp, Yp, Xp))
-            prob = _to_ct_grid(prob_grid, scan, hu.shape)
-            evidence = _to_ct_grid(ev_full, scan, hu.shape)
+            # The slice grid spans the padded model grid; take the unpadded part.
+            ev_model = _resize(ev_grid[label], tuple(scan.volume.shape))
+            prob = _to_ct_grid(prob_grid, scan, lung)
+            evidence = _to_ct_grid(ev_model, scan, lung)
     finally:
         torch.set_num_threads(prev_threads)
-    lung_c = np.ascontiguousarray(lung)
-    prob *= lung_c
-    evidence *= lung_c
     prob_ct = np.ascontiguousarray(orient.from_canonical(prob))
     ev_ct = np.ascontiguousarray(orient.from_canonical(evidence))
     mask = prob_ct >= threshold
