@@ -444,14 +444,16 @@ def _hilar_vessels(segments) -> List[Tuple[np.ndarray, np.ndarray, float]]:
     """The first segment of each hilar tree: large vessels joined to the mediastinal
     pulmonary arteries/veins, which reference lung masks leave out of the lungs (thinner
     intrapulmonary vessels are lung)."""
-    roots = [p for pair in _HILA.values() for p in pair]
+    roots = np.array([p for pair in _HILA.values() for p in pair])
+    starts = np.array([s[0] for s in segments]).reshape(-1, 3)
+    at_root = np.any(np.all(np.abs(starts[:, None, :] - roots[None]) < 1e-6, axis=2), axis=1)
     out = []
-    for a, b, r, _artery in segments:
-        if any(np.allclose(a, h) for h in roots):
-            # Only the proximal part, which joins the mediastinal vessels in every slice;
-            # further out the vessel is surrounded by lung, and lung masks fill it in.
-            length = float(np.linalg.norm(b - a))
-            out.append((a, a + (b - a) * min(1.0, _HILAR_LENGTH / max(length, 1e-6)), r))
+    for i in np.flatnonzero(at_root):
+        a, b, r, _artery = segments[i]
+        # Only the proximal part, which joins the mediastinal vessels in every slice;
+        # further out the vessel is surrounded by lung, and lung masks fill it in.
+        length = float(np.linalg.norm(b - a))
+        out.append((a, a + (b - a) * min(1.0, _HILAR_LENGTH / max(length, 1e-6)), r))
     return out
 
 
