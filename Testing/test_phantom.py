@@ -71,6 +71,18 @@ def test_lungs_are_where_they_should_be(covid):
     assert covid.lungs.sum() * ct.voxel_volume_ml > 3500  # adult lungs: several litres
 
 
+def _voxel_at(ct: CTVolume, lps) -> tuple:
+    ijk = np.linalg.solve(ct.direction @ np.diag(ct.spacing), np.asarray(lps, float) - np.asarray(ct.origin))
+    i, j, k = np.rint(ijk).astype(int)
+    return k, j, i
+
+
+def test_hilar_vessels_are_not_lung_but_the_lung_is_around_them(covid):
+    for x in (-47.5, 47.5):  # the pulmonary arteries entering each lung
+        assert not covid.lungs[_voxel_at(covid.ct, (x, 10.0, 24.0))]
+        assert covid.lungs[_voxel_at(covid.ct, (1.8 * x, 10.0, 24.0))]
+
+
 def test_lobes_three_right_two_left(covid):
     lobes = covid.lobes
     assert lobes is not None and lobes.shape == covid.ct.shape
