@@ -62,7 +62,7 @@ class TrainOptions:
     device: Optional[str] = None
     threads: Optional[int] = None
     validate_every: int = 1
-    val_window_scale: float = 2.0
+    val_window_scale: float = 1.0
     training_data: str = "unspecified"
     synthetic: bool = False
     notes: str = ""
@@ -78,7 +78,7 @@ class TrainResult:
 
 
 # ============================================================================ validation
-def validate(model: DeepSCCovid, cases: Sequence[PreparedCase], window_scale: float = 2.0) -> Dict[str, Any]:
+def validate(model: DeepSCCovid, cases: Sequence[PreparedCase], window_scale: float = 1.0) -> Dict[str, Any]:
     """Whole-scan metrics on prepared cases: lesion Dice (inside the lung), classification."""
     model.eval()
     dices, probs, labels = [], [], []
