@@ -11,9 +11,11 @@ import torch
 from CovidCTDxLib.anchors import Anchors, compute_anchors
 from CovidCTDxLib.errors import WeightsError
 from CovidCTDxLib.models.racnet import ARCHITECTURE, ARCHITECTURE_VERSION, RACNet, RACNetConfig, coral_loss, racnet_losses
-from CovidCTDxLib.racnet_inference import SlicePrep, load_racnet, model_card_config, predict_stack, prepare_scan, run_racnet
+from CovidCTDxLib.racnet_inference import (
+    SlicePrep, load_racnet, model_card_config, predict_stack, prepare_scan, run_racnet, save_racnet_weights,
+)
 from CovidCTDxLib.result import SEVERITY_KEYS, LungMasks
-from CovidCTDxLib.weights import ModelCard, load_weights, save_weights
+from CovidCTDxLib.weights import ModelCard, load_weights
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_WEIGHTS = REPO / "Resources" / "weights" / "racnet_demo.safetensors"
@@ -58,15 +60,14 @@ def test_padding_content_is_ignored_and_gets_no_coupling():
     torch.testing.assert_close(a["coupling"][0, :4].sum(-1), torch.ones(4))
 
 
-def test_slice_order_matters_and_latent_is_normalised():
+def test_latent_is_normalised():
+    """Feature alignment: every latent lies in the same standardised space (mean 0, std 1)."""
     torch.manual_seed(2)
     model = RACNet(SMALL).eval()
-    s = torch.rand(1, 6, 1, 32, 32)
     with torch.no_grad():
-        a, b = model(s), model(s.flip(1))
-    assert not torch.allclose(a["latent"], b["latent"], atol=1e-4), "the GRU reads slices in order"
-    z = a["latent"][0]
-    assert abs(float(z.mean())) < 1e-4 and abs(float(z.std(unbiased=False)) - 1.0) < 1e-3
+        z = model(torch.rand(3, 6, 1, 32, 32) * torch.tensor([1.0, 5.0, 0.1])[:, None, None, None, None])["latent"]
+    torch.testing.assert_close(z.mean(dim=1), torch.zeros(3), atol=1e-4, rtol=0)
+    torch.testing.assert_close(z.std(dim=1, unbiased=False), torch.ones(3), atol=2e-2, rtol=0)  # LayerNorm eps
 
 
 def test_bad_lengths_rejected():
@@ -145,7 +146,7 @@ def _save_tiny(path: Path, version: str = ARCHITECTURE_VERSION):
     rng = np.random.default_rng(0)
     anchors = compute_anchors(rng.normal(size=(30, SMALL.latent_dim)), np.repeat([0, 1, 2], 10), ("non_covid", "mild", "moderate"))
     card = ModelCard(ARCHITECTURE, version, model_card_config(SMALL, prep, anchors.classes), "unit test", True)
-    save_weights(path, {**model.state_dict(), **anchors.to_tensors()}, card)
+    save_racnet_weights(path, {**model.state_dict(), **anchors.to_tensors()}, card)
     return model
 
 
@@ -210,7 +211,7 @@ def test_prepare_scan_orientation_invariant():
     flipped = CTVolume(ph.ct.array[:, :, ::-1].copy(), ph.ct.spacing, tuple(origin), d)
     fl = LungMasks(ph.right_lung[:, :, ::-1], ph.left_lung[:, :, ::-1], ph.airways[:, :, ::-1], np.zeros(ph.ct.shape, bool))
     b, _ = prepare_scan(flipped, fl, prep)
-    assert a.shape == (len(sel), 48, 48) and a.min() >= 0 and a.max() <= 1
+    assert a.shape == (len(sel), 48, 48) and a.min() >= 0.0 and a.max() <= 1.0
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
@@ -218,7 +219,7 @@ def test_prepare_scan_orientation_invariant():
 def test_trainer_writes_weights_and_resumes(tmp_path):
     from CovidCTDxLib.training import train_racnet
 
-    common = ["--phantoms", "6", "--val-phantoms", "6", "--slice-size", "32", "--batch-size", "3", "--out", str(tmp_path)]
+    common = ["--phantoms", "4", "--val-phantoms", "4", "--slice-size", "32", "--batch-size", "2", "--threads", "1", "--out", str(tmp_path)]
     args = train_racnet.build_parser().parse_args(common + ["--epochs", "1"])
     assert train_racnet.run(args) == 0
     assert (tmp_path / "checkpoint_001.pt").exists()

@@ -66,11 +66,12 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("CovidCTDxLib.phantom_lesions").setLevel(logging.WARNING)
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--minutes", type=float, default=11.0, help="training wall-time cap (phantom generation excluded)")
+    ap.add_argument("--minutes", type=float, default=10.0, help="training wall-time cap (phantom generation excluded)")
     ap.add_argument("--phantoms", type=int, default=144)
     ap.add_argument("--val-phantoms", type=int, default=24)
-    ap.add_argument("--epochs", type=int, default=25)
-    ap.add_argument("--slice-size", type=int, default=64)
+    ap.add_argument("--epochs", type=int, default=40)
+    ap.add_argument("--slice-size", type=int, default=96)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared CPU)")
     ap.add_argument("--slice-step-mm", type=float, default=12.0)
     ap.add_argument("--cache", type=Path, default=None, help="phantom stack cache (reruns skip generation)")
     ap.add_argument("--held-out", type=int, default=36)
@@ -79,14 +80,15 @@ def main() -> int:
     a = ap.parse_args()
 
     from CovidCTDxLib.training import train_racnet
-    from CovidCTDxLib.weights import load_weights, save_weights
+    from CovidCTDxLib.racnet_inference import save_racnet_weights
+    from CovidCTDxLib.weights import load_weights
 
     work = a.work or Path(tempfile.mkdtemp(prefix="racnet_demo_"))
     t0 = time.perf_counter()
     args = train_racnet.build_parser().parse_args([
         "--data", "phantoms", "--phantoms", str(a.phantoms), "--val-phantoms", str(a.val_phantoms),
         "--epochs", str(a.epochs), "--slice-size", str(a.slice_size), "--slice-step-mm", str(a.slice_step_mm),
-        "--batch-size", "8", "--lr", "2e-3", *(["--cache", str(a.cache)] if a.cache else []),
+        "--batch-size", "8", "--lr", "2e-3", "--threads", str(a.threads), *(["--cache", str(a.cache)] if a.cache else []),
         "--time-limit-min", str(a.minutes), "--out", str(work), "--weights-out", str(a.out),
         "--training-data", f"synthetic phantoms (CovidCTDxLib.phantom; {a.phantoms} training + {a.val_phantoms} validation; "
                            "severity from lesion volume ratio) — not for diagnosis",
@@ -97,7 +99,7 @@ def main() -> int:
     w = load_weights(a.out, "racnet")
     w.card.metrics["held_out"] = metrics
     w.card.metrics["wall_seconds_total"] = round(total, 1)
-    save_weights(a.out, w.state_dict, w.card)
+    save_racnet_weights(a.out, w.state_dict, w.card)
     log.info("total wall %.0f s; held-out: %s", total, metrics)
     return 0
 

@@ -9,6 +9,9 @@ source dataset crossed with a length augmentation: half of the training scans ar
 with every second slice only, so the latent of the same lungs at ~½ the slice count is
 pulled onto the same distribution (the "feature alignment across input lengths").
 
+Optimiser: AdamW with cosine learning-rate decay over the epochs or over the time budget,
+whichever runs out first (:func:`cosine_lr`).
+
 Metrics each epoch on the validation set, as in the COV19-CT-DB challenge: macro-F1 of
 COVID vs non-COVID and macro-F1 of the four severities (COVID scans with a label), plus
 per-class recall and accuracy. The best epoch by the mean of the two macro-F1s is kept.
@@ -30,6 +33,7 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -39,9 +43,9 @@ import torch
 
 from ..anchors import compute_anchors
 from ..models.racnet import ARCHITECTURE, ARCHITECTURE_VERSION, RACNet, RACNetConfig, racnet_losses
-from ..racnet_inference import SlicePrep, model_card_config
+from ..racnet_inference import SlicePrep, model_card_config, save_racnet_weights
 from ..result import SEVERITY_KEYS
-from ..weights import ModelCard, save_weights
+from ..weights import ModelCard
 from . import common
 from .racnet_data import (
     ANCHOR_CLASSES,
@@ -188,6 +192,17 @@ def evaluate_items(model: torch.nn.Module, items: Sequence[ScanItem], ctx: Optio
 
 
 # ---------------------------------------------------------------------------- main loop
+def cosine_lr(base: float, progress: float, floor: float = 0.02) -> float:
+    """Cosine decay from ``base`` to ``floor × base`` over progress 0..1.
+
+    Progress is the larger of the epoch fraction and the fraction of ``--time-limit-min``
+    used, so a run stopped by its time budget still ends with a small learning rate
+    (on a shared CPU the number of epochs that fit is not known in advance).
+    """
+    p = min(max(progress, 0.0), 1.0)
+    return base * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * p)))
+
+
 def run(args: argparse.Namespace) -> int:
     """Train, validate every epoch, checkpoint, then write weights with anchors. Returns 0."""
     ctx = common.setup_distributed(args.device, args.threads)
@@ -211,7 +226,6 @@ def _run(args: argparse.Namespace, ctx: common.DistContext) -> int:
     model = RACNet(cfg)
     net = ctx.wrap(model)
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, args.epochs))
     out_dir = Path(args.out)
     logger = common.MetricLogger(out_dir / "metrics.jsonl", enabled=ctx.is_main)
 
@@ -219,7 +233,7 @@ def _run(args: argparse.Namespace, ctx: common.DistContext) -> int:
     best_state = None
     ckpt = None if args.no_resume else common.latest_checkpoint(out_dir)
     if ckpt is not None:
-        info = common.load_checkpoint(ckpt, net, opt, sched)
+        info = common.load_checkpoint(ckpt, net, opt)
         start_epoch = info["epoch"] + 1
         spent_s = float(info["extra"].get("train_seconds", 0.0))
         best = info["extra"].get("best", best)
@@ -240,7 +254,15 @@ def _run(args: argparse.Namespace, ctx: common.DistContext) -> int:
         net.train()
         order = np.random.default_rng(args.seed * 1000 + epoch + ctx.rank).permutation(len(train_items))[: steps * args.batch_size]
         sums = {"total": 0.0, "covid": 0.0, "severity": 0.0, "coral": 0.0}
-        for batch in iterate_batches(train_items, args.batch_size, order):
+        for step, batch in enumerate(iterate_batches(train_items, args.batch_size, order)):
+            elapsed = spent_s + time.perf_counter() - t0
+            progress = (epoch - 1 + step / steps) / args.epochs
+            if limit_s:
+                progress = max(progress, elapsed / limit_s)
+            if ctx.distributed:  # all ranks must use the same learning rate
+                progress = ctx.all_reduce_mean(progress)
+            for g in opt.param_groups:
+                g["lr"] = cosine_lr(args.lr, progress)
             aug = _augment(batch, rng)
             b = collate(aug, flip_lr=rng.random(len(aug)) < 0.5)
             out = net(b["slices"], b["lengths"])
@@ -251,7 +273,6 @@ def _run(args: argparse.Namespace, ctx: common.DistContext) -> int:
             opt.step()
             for k in sums:
                 sums[k] += float(losses[k].detach()) / steps
-        sched.step()
         metrics = evaluate_items(net, val_items, ctx)
         spent_s += time.perf_counter() - t0
         if metrics["score"] > best["score"]:
@@ -263,7 +284,7 @@ def _run(args: argparse.Namespace, ctx: common.DistContext) -> int:
                    val_covid_f1=metrics["covid_macro_f1"], val_severity_f1=metrics["severity_macro_f1"],
                    val_covid_acc=metrics["covid_accuracy"], train_s=spent_s)
         if ctx.is_main:
-            common.save_checkpoint(out_dir / f"checkpoint_{epoch:03d}.pt", net, opt, sched, epoch,
+            common.save_checkpoint(out_dir / f"checkpoint_{epoch:03d}.pt", net, opt, None, epoch,
                                    {"train_seconds": spent_s, "best": best})
         if limit_s and spent_s >= limit_s:
             log.info("time limit reached after epoch %d (%.0f s)", epoch, spent_s)
@@ -294,7 +315,7 @@ def _run(args: argparse.Namespace, ctx: common.DistContext) -> int:
                    + (" Synthetic training data — not for diagnosis." if synthetic else "")),
         )
         path = args.weights_out or (out_dir / "racnet.safetensors")
-        save_weights(path, state, card)
+        save_racnet_weights(path, state, card)
         log.info("weights written to %s (best epoch %d, score %.3f)", path, best.get("epoch", 0), best.get("score", float("nan")))
     ctx.barrier()
     return 0
