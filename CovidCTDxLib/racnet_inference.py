@@ -95,6 +95,17 @@ def _profile(mask: np.ndarray, ax: int, n: int, stride: int = 1) -> np.ndarray:
     return np.repeat(prof, stride)[:n] if stride > 1 else prof
 
 
+def _selected_profile(lungs: LungMasks, axis: int, ax: int, indices: np.ndarray) -> np.ndarray:
+    """Which indices along array axis ``ax`` hold lung in any of the selected slices."""
+    other = [a for a in range(3) if a not in (axis, ax)][0]
+    prof = np.zeros(lungs.right.shape[ax], bool)
+    for m in (lungs.right, lungs.left):
+        per_slice = m.any(axis=other)  # 2-D over (axis, ax) in array order
+        per_slice = per_slice if axis < ax else per_slice.T
+        prof |= per_slice[indices].any(axis=0)
+    return prof
+
+
 def _square_crop(mask_rows: np.ndarray, mask_cols: np.ndarray, sp_rows: float, sp_cols: float,
                  n_rows: int, n_cols: int, margin_mm: float) -> Tuple[Tuple[int, int], Tuple[int, int]]:
     """Square (in mm) crop around the True extent of two 1-D profiles; may exceed the image."""
@@ -132,9 +143,9 @@ def prepare_scan(ct: CTVolume, lungs: Optional[LungMasks], prep: SlicePrep) -> T
     r_ax, c_ax, flip_r, flip_c = _radiological(ct, axis)
     stack = _oriented(np.take(ct.array, sel.indices, axis=axis), axis, r_ax, flip_r, flip_c)
     n_r, n_c = ct.shape[r_ax], ct.shape[c_ax]
-    if lungs is not None and lungs.lungs.any():
-        ref = np.take(lungs.lungs, sel.indices, axis=axis)
-        rows_prof, cols_prof = _profile(ref, r_ax, n_r), _profile(ref, c_ax, n_c)
+    if sel.method == "lungs":
+        rows_prof = _selected_profile(lungs, axis, r_ax, sel.indices)
+        cols_prof = _selected_profile(lungs, axis, c_ax, sel.indices)
     else:
         small, strides = body_mask(ct)
         rows_prof, cols_prof = _profile(small, r_ax, n_r, strides[r_ax]), _profile(small, c_ax, n_c, strides[c_ax])

@@ -122,11 +122,10 @@ def slice_axis(ct: CTVolume) -> Tuple[int, np.ndarray]:
     superior order for feet-first, flipped or reoriented volumes.
     """
     axis, _ = ct.axis_for(LPS_SUPERIOR)
-    sup = ct.lps_coordinate(LPS_SUPERIOR)
-    # position of each slice along `axis`: take the coordinate at index 0 of the other axes
-    idx = [0, 0, 0]
-    idx[axis] = slice(None)
-    pos = np.asarray(np.broadcast_to(sup, ct.shape)[tuple(idx)], dtype=float)
+    n = ct.shape[axis]
+    ijk = np.zeros((n, 3))
+    ijk[:, 2 - axis] = np.arange(n)  # index axes are (i, j, k) = array axes (2, 1, 0)
+    pos = ct.index_to_lps(ijk) @ LPS_SUPERIOR  # 1-D: no full-volume coordinate grid
     return axis, pos
 
 
@@ -152,6 +151,17 @@ def _inplane_axes(ct: CTVolume, axis: int) -> Tuple[int, int]:
 
 
 # ---------------------------------------------------------------------------- lung rule
+def lung_area_per_slice(ct: CTVolume, lungs: LungMasks, axis: int) -> np.ndarray:
+    """Lung area (mm²) of every slice across ``axis``, in array order.
+
+    Right and left are disjoint, so their counts add; this avoids building the union mask
+    (a full-volume allocation) on 512² × 300 scans.
+    """
+    other = tuple(a for a in range(3) if a != axis)
+    count = np.count_nonzero(lungs.right, axis=other) + np.count_nonzero(lungs.left, axis=other)
+    return count.astype(float) * _pixel_area_mm2(ct, axis)
+
+
 def select_by_lungs(ct: CTVolume, lungs: LungMasks, min_area_fraction: float = LUNG_AREA_FRACTION) -> SliceSelection:
     """Slices whose lung area is ≥ ``min_area_fraction`` × the largest lung area.
 
@@ -160,9 +170,7 @@ def select_by_lungs(ct: CTVolume, lungs: LungMasks, min_area_fraction: float = L
     if not 0.0 < min_area_fraction <= 1.0:
         raise ValueError(f"min_area_fraction must be in (0, 1], got {min_area_fraction}")
     axis, pos = slice_axis(ct)
-    lung = lungs.lungs
-    other = tuple(a for a in range(3) if a != axis)
-    area = lung.sum(axis=other).astype(float) * _pixel_area_mm2(ct, axis)
+    area = lung_area_per_slice(ct, lungs, axis)
     if area.max() <= 0:
         raise LungsNotFoundError("The lung mask is empty, so no slices can be selected for severity scoring.")
     thr = float(min_area_fraction * area.max())
@@ -293,7 +301,7 @@ def select_slices(
     """
     if method not in ("auto", "lungs", "covid_ctset"):
         raise ValueError(f"unknown slice selection method {method!r}")
-    have_lungs = lungs is not None and bool(lungs.lungs.any())
+    have_lungs = lungs is not None and bool(lungs.right.any() or lungs.left.any())
     if method == "lungs" or (method == "auto" and have_lungs):
         if lungs is None:
             raise LungsNotFoundError("Lung-based slice selection needs a lung mask.")

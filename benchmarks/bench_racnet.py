@@ -33,7 +33,8 @@ def _run_demo(ct, lungs, threads, step_mm):
     t = time.perf_counter()
     w = load_weights(DEMO, "racnet")
     bundle = load_racnet(w)
-    bundle.prep.slice_step_mm = step_mm
+    if step_mm is not None:  # None: the weights' own preprocessing
+        bundle.prep.slice_step_mm = step_mm
     load_s = time.perf_counter() - t
     t = time.perf_counter()
     stack, _ = prepare_scan(ct, lungs, bundle.prep)
@@ -52,11 +53,11 @@ def _run_backbone(ct, lungs, threads, backbone):
 
     torch.set_num_threads(threads)
     t = time.perf_counter()
-    model = RACNet(RACNetConfig(backbone=backbone)).eval()
+    model = RACNet(RACNetConfig(backbone=backbone, slice_size=96)).eval()
     anchors = compute_anchors(np.random.default_rng(0).normal(size=(60, 64)), np.repeat(np.arange(6), 10), tuple("abcdef"))
     load_s = time.perf_counter() - t
     t = time.perf_counter()
-    stack, sel = prepare_scan(ct, lungs, SlicePrep(size=128))
+    stack, sel = prepare_scan(ct, lungs, SlicePrep(size=96))
     prep_s = time.perf_counter() - t
     pred = predict_stack(model, stack)
     anchors.explain(pred["latent"])
@@ -79,12 +80,13 @@ def main() -> None:
     lungs = LungMasks(ph.right_lung, ph.left_lung, ph.airways, np.zeros(ph.ct.shape, bool))
     rows = []
     cases = [
-        ("small (demo weights), lung mask", _run_demo, (ph.ct, lungs, a.threads, 0.0)),
-        ("small (demo weights), no mask: COVID-CTset", _run_demo, (ph.ct, None, a.threads, 0.0)),
-        ("small (demo weights), lung mask, 5 mm thinning", _run_demo, (ph.ct, lungs, a.threads, 5.0)),
+        ("small (demo weights, their 12 mm slice step), lung mask", _run_demo, (ph.ct, lungs, a.threads, None)),
+        ("small (demo weights), lung mask, every slice", _run_demo, (ph.ct, lungs, a.threads, 0.0)),
+        ("small (demo weights), no mask: COVID-CTset, every slice", _run_demo, (ph.ct, None, a.threads, 0.0)),
     ]
     if not a.skip_resnet:
-        cases.append(("ResNet-50 backbone (paper setting), lung mask", _run_backbone, (ph.ct, lungs, a.threads, "resnet50")))
+        cases.append(("small CNN (random weights), lung mask, every slice", _run_backbone, (ph.ct, lungs, a.threads, "small")))
+        cases.append(("ResNet-50 backbone (paper setting), lung mask, every slice", _run_backbone, (ph.ct, lungs, a.threads, "resnet50")))
     small_total = None
     for name, fn, args in cases:
         if fn is _run_demo and not DEMO.exists():
