@@ -227,8 +227,19 @@ def phantom_item(index: int, seed: int, prep: SlicePrep, shape=PHANTOM_SHAPE, sp
     return ScanItem(stack, covid, sev, domain, f"phantom-{kind}-{severity or 'none'}-seed{seed}")
 
 
+def _phantom_code_digest() -> str:
+    """Digest of the phantom generator's source: a changed generator invalidates the cache."""
+    from .. import phantom, phantom_lesions
+
+    h = hashlib.sha1()
+    for mod in (phantom, phantom_lesions):
+        h.update(Path(mod.__file__).read_bytes())
+    return h.hexdigest()[:12]
+
+
 def _cache_path(cache_dir: Path, index: int, seed: int, prep: SlicePrep, shape, spacing) -> Path:
-    key = json.dumps([index % len(PHANTOM_CYCLE), seed, prep.to_dict(), list(shape), list(spacing)], sort_keys=True)
+    key = json.dumps([index % len(PHANTOM_CYCLE), seed, prep.to_dict(), list(shape), list(spacing), _phantom_code_digest()],
+                     sort_keys=True)
     return Path(cache_dir) / f"phantom_{seed}_{hashlib.sha1(key.encode()).hexdigest()[:12]}.npz"
 
 
