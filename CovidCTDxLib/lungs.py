@@ -53,8 +53,11 @@ COARSE_Z_MM = 2.5
 #: Tissue vs air threshold for the body (HU): fat is ~ -100, skin-air partial volume ~ -500.
 BODY_HU = -500.0
 #: Aerated lung threshold (HU) on the coarse (block-averaged) image. Healthy parenchyma is
-#: -900..-800, ground glass -700..-400; vessels and dense disease are added back by filling.
-LUNG_AIR_HU = -400.0
+#: -900..-800 and ground glass -700..-300 (Fleischner glossary), soft tissue and fat above
+#: -150: -320 HU, the usual lung/soft-tissue cut-off, keeps subpleural ground glass (which a
+#: closing cannot add back when it lies against the chest wall) inside the lung. Vessels
+#: and dense disease are added back by filling.
+LUNG_AIR_HU = -320.0
 #: Opening radius (mm) that separates the table and thin blankets from the body.
 TABLE_OPENING_MM = 4.0
 #: Smallest air component (mL) that can be part of a lung (a lung apex cut by the field of
@@ -65,6 +68,14 @@ MIN_TOTAL_LUNG_ML = 80.0
 #: Gas (bowel, stomach, outside air trapped in folds) is uniform -1000 HU; lung parenchyma
 #: has tissue in every voxel and a median above this even in emphysema.
 GAS_MEDIAN_HU = -985.0
+#: Full-resolution gas level (HU) and the largest share of a secondary component's voxels
+#: that may sit below it: 30 % at -950 HU is the usual cut-off for severe emphysema
+#: (LAA-950), so a piece of lung beyond it is gas (stomach, bowel), not lung.
+GAS_LEVEL_HU = -950.0
+MAX_GAS_FRACTION = 0.3
+#: The second-largest component is the other lung when it holds at least this share of
+#: the largest one; a smaller one must pass the gas test like any other extra component.
+SECOND_LUNG_MIN_SHARE = 0.1
 #: Airway region growing: upper thresholds tried (HU) and explosion control.
 AIRWAY_THRESHOLDS_HU = (-980.0, -960.0, -940.0, -920.0, -900.0, -880.0, -860.0)
 AIRWAY_MAX_ML = 250.0
@@ -130,7 +141,7 @@ def segment_lungs(
     report(0.1, "Lung masking: body")
     body = _body_mask(coarse, grid)
     report(0.25, "Lung masking: air regions")
-    air = _lung_air(coarse, body, grid)
+    air = _lung_air(coarse, body, grid, hu)
     report(0.4, "Lung masking: airways")
     airways = _airways(coarse, air, body, grid)
     sides = _SideNamer(ct, frame, grid)
@@ -277,8 +288,31 @@ def _body_mask(coarse: np.ndarray, grid: _Grid) -> np.ndarray:
     return _fill_holes_2d(body)
 
 
-def _lung_air(coarse: np.ndarray, body: np.ndarray, grid: _Grid) -> np.ndarray:
-    """Lung-like air inside the body: large, not gas-uniform components."""
+def _gas_fraction(hu: np.ndarray, component: np.ndarray, grid: _Grid) -> float:
+    """Share of a coarse component's full-resolution voxels at gas level (< GAS_LEVEL_HU).
+
+    Computed on the component's bounding box only, so it costs little for the small
+    secondary components it is used on.
+    """
+    box = _bbox(component, (0, 0, 0))
+    f = grid.factors
+    sub = component[box]
+    for axis, k in enumerate(f):
+        sub = np.repeat(sub, k, axis=axis)
+    full_box = tuple(slice(b.start * k, b.stop * k) for b, k in zip(box, f))
+    values = hu[full_box]
+    sub = sub[: values.shape[0], : values.shape[1], : values.shape[2]]
+    return float(np.mean(values[sub] < GAS_LEVEL_HU))
+
+
+def _lung_air(coarse: np.ndarray, body: np.ndarray, grid: _Grid, hu: np.ndarray) -> np.ndarray:
+    """Lung-like air inside the body: large, not gas-uniform components.
+
+    The two largest components are the lungs (or one, when they touch). Any further
+    component must also look like lung at full resolution: stomach and bowel gas are
+    pure air, with most voxels at gas level, while aerated lung has tissue in nearly every
+    voxel (even emphysematous lung has a minority of voxels below -950 HU).
+    """
     air = (coarse < LUNG_AIR_HU) & body
     labels, sizes = _components(air)
     keep = np.zeros(len(sizes), bool)
@@ -287,9 +321,12 @@ def _lung_air(coarse: np.ndarray, body: np.ndarray, grid: _Grid) -> np.ndarray:
         ml = sizes[lab] * grid.voxel_ml
         if ml < MIN_LUNG_COMPONENT_ML:
             break  # sorted by size
-        med = float(np.median(coarse[labels == lab]))
+        component = labels == lab
+        med = float(np.median(coarse[component]))
         found.append((ml, med))
         keep[lab] = med > GAS_MEDIAN_HU
+        if keep[lab] and (lab > 2 or sizes[lab] < SECOND_LUNG_MIN_SHARE * sizes[1]):
+            keep[lab] = _gas_fraction(hu, component, grid) < MAX_GAS_FRACTION
     lungs = keep[labels]
     total = lungs.sum() * grid.voxel_ml
     if total < MIN_TOTAL_LUNG_ML:

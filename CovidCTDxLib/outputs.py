@@ -20,6 +20,7 @@ import numpy as np
 from . import __version__
 from .io import write_segmentation, write_volume
 from .result import Result
+from .segments import SEGMENT_ORDER
 
 FILES = ("segmentation.seg.nrrd", "evidence.nrrd", "results.json", "findings.csv", "report.md")
 
@@ -90,18 +91,26 @@ def results_dict(result: Result, source: str = "") -> Dict[str, Any]:
 
 
 def segmentation_masks(result: Result) -> Dict[str, np.ndarray]:
+    """The masks of a Result by segment ID, in display order; absent stages are skipped.
+
+    Lesion sub-types are included (possibly empty) whenever lesions were computed, so a
+    user can paint them in the Segment Editor and recompute. DeepSC-COVID's lesion mask is
+    its own segment when the findings were computed from another lesion source.
+    """
     masks: Dict[str, np.ndarray] = {}
     if result.lungs is not None:
         masks["right_lung"] = result.lungs.right
         masks["left_lung"] = result.lungs.left
-        masks["airways"] = result.lungs.airways
+        if result.lungs.airways is not None and np.any(result.lungs.airways):
+            masks["airways"] = result.lungs.airways
     if result.lesions is not None:
+        empty = np.zeros(result.lesions.lesion.shape, dtype=bool)
         masks["lesion"] = result.lesions.lesion
-        if result.lesions.ggo is not None:
-            masks["ggo"] = result.lesions.ggo
-        if result.lesions.consolidation is not None:
-            masks["consolidation"] = result.lesions.consolidation
-    return masks
+        masks["ggo"] = result.lesions.ggo if result.lesions.ggo is not None else empty
+        masks["consolidation"] = result.lesions.consolidation if result.lesions.consolidation is not None else empty
+    if result.deepsc_lesion is not None and (result.lesions is None or result.lesions.lesion is not result.deepsc_lesion):
+        masks["deepsc_lesion"] = result.deepsc_lesion
+    return {k: masks[k] for k in SEGMENT_ORDER if k in masks}
 
 
 def findings_rows(result: Result) -> List[List[Any]]:

@@ -1,8 +1,8 @@
 """The one place that knows the order of the stages.
 
 lungs → zones → DeepSC-COVID (lesions, classification, evidence) → density lesions (when
-no neural lesion mask, and for the GGO/consolidation split) → RACNet (severity) →
-findings. Each stage is a pure function of arrays + geometry, so this runs the same in
+the findings do not use DeepSC's lesions, and for the GGO/consolidation split) → RACNet
+(severity) → findings. Each stage is a pure function of arrays + geometry, so this runs the same in
 Slicer's worker process, in the CLI and in tests. A stage that cannot run (not selected,
 no weights, depends on a stage that did not run) is recorded in ``Result.skipped`` with the
 reason; nothing is invented in its place.
@@ -50,8 +50,11 @@ class PipelineOptions:
         stages: subset of STAGES. Findings need lungs; the neural stages need lungs too.
         weights_dir: folder holding ``deepsc_*.safetensors`` / ``racnet_*.safetensors``.
         deepsc_weights / racnet_weights: explicit files, overriding ``weights_dir``.
-        lesion_source: "auto" (DeepSC lesions if it ran, else the density engine),
-            "deepsc" or "density".
+        lesion_source: where the findings' lesion mask comes from. "auto": DeepSC-COVID's
+            lesions when it ran with weights trained on real data, else the density engine
+            (synthetic-trained demo weights over-segment real scans, while the density
+            engine is validated on them; DeepSC's mask is still written as its own
+            ``deepsc_lesion`` segment). "deepsc" or "density" force one source.
     """
 
     stages: Sequence[str] = STAGES
@@ -179,7 +182,9 @@ def _run_deepsc(result: Result, options: PipelineOptions, step: Progress, timer:
     result.classification = Classification(label=label, probabilities=probabilities, provenance=output.provenance)
     result.lesion_probability = output.lesion_probability
     result.evidence = output.evidence
-    if options.lesion_source in ("auto", "deepsc"):
+    result.deepsc_lesion = output.lesion_mask
+    use_deepsc = options.lesion_source == "deepsc" or (options.lesion_source == "auto" and not weights.card.synthetic)
+    if use_deepsc:
         result.lesions = LesionMasks(lesion=output.lesion_mask, source=f"DeepSC-COVID ({path.name})")
 
 

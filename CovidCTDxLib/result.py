@@ -138,6 +138,7 @@ class Result:
     zones: Optional[LungZones] = None
     lesions: Optional[LesionMasks] = None
     lesion_probability: Optional[np.ndarray] = None  # float32 0..1 on the CT grid
+    deepsc_lesion: Optional[np.ndarray] = None  # DeepSC-COVID's lesion mask (bool), when it ran
     evidence: Optional[np.ndarray] = None  # float32 0..1 on the CT grid (CAM)
     classification: Optional[Classification] = None
     severity: Optional[Severity] = None

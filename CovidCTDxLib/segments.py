@@ -10,6 +10,8 @@ Colours: the lungs use the colour Slicer's General Anatomy list gives "Lung"
 consolidation, so we chose colours that stand out against lung tissue and against each
 other in both 2D overlays and 3D: lesion red (216, 101, 79, Slicer's "tumor"-like red),
 ground glass yellow (241, 214, 145) and consolidation dark magenta (144, 33, 99).
+DeepSC-COVID's own lesion mask, written beside ``lesion`` when the findings use another
+lesion source (see pipeline.py), is orange (255, 128, 0).
 
 Consolidation has no SNOMED CT code we could verify here, so it is coded as Infiltrate
 (SCT 47351003) without the COVID-19 modifier; its segment name tells it apart. The
@@ -87,8 +89,12 @@ SEGMENTS: Dict[str, SegmentSpec] = {
         SegmentSpec("lesion", "Lesion", (216, 101, 79), COVIDCTDX_CONTEXT, ALTERED_STRUCTURE, INFILTRATE, COVID19),
         SegmentSpec("ggo", "Ground glass opacity", (241, 214, 145), COVIDCTDX_CONTEXT, ALTERED_STRUCTURE, GROUND_GLASS),
         SegmentSpec("consolidation", "Consolidation", (144, 33, 99), COVIDCTDX_CONTEXT, ALTERED_STRUCTURE, INFILTRATE),
+        SegmentSpec("deepsc_lesion", "DeepSC-COVID lesion", (255, 128, 0), COVIDCTDX_CONTEXT, ALTERED_STRUCTURE, INFILTRATE, COVID19),
     )
 }
+
+#: Display order of the output segments.
+SEGMENT_ORDER = ("right_lung", "left_lung", "airways", "lesion", "ggo", "consolidation", "deepsc_lesion")
 
 
 def spec_for(segment_id: str) -> Optional[SegmentSpec]:

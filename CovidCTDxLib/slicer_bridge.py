@@ -26,6 +26,7 @@ import numpy as np
 
 from .errors import GeometryError, InputError
 from .result import CLASS_KEYS, CLASS_NAMES, NOT_FOR_DIAGNOSIS, SEVERITY_KEYS, LesionMasks, LungMasks, Provenance, Result
+from .outputs import segmentation_masks
 from .segments import SEGMENTS, SegmentSpec
 from .volume import CTVolume
 
@@ -37,7 +38,6 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 #: Attribute prefix for everything this module stores on nodes.
 ATTRIBUTE_PREFIX = "CovidCTDx."
 #: Segments written in this order (lungs first so lesions are drawn on top).
-SEGMENT_ORDER = ("right_lung", "left_lung", "airways", "lesion", "ggo", "consolidation")
 #: 3D opacity of lung segments, so lesions inside them stay visible.
 LUNG_OPACITY_3D = 0.2
 #: Evidence maps are probabilities; values below this are transparent in the overlay.
@@ -233,26 +233,6 @@ def _check_mask(name: str, mask: np.ndarray, shape: Tuple[int, ...]) -> np.ndarr
     if mask.shape != tuple(shape):
         raise GeometryError(f"Segment '{name}' has shape {mask.shape} but the input volume has {tuple(shape)}.")
     return mask.astype(bool, copy=False)
-
-
-def result_masks(result: Result) -> Dict[str, np.ndarray]:
-    """The masks of a Result by segment ID, in display order; absent stages are skipped.
-
-    Lesion sub-types are included (possibly empty) whenever lesions were computed, so a
-    user can paint them in the Segment Editor and recompute.
-    """
-    masks: Dict[str, Optional[np.ndarray]] = {}
-    if result.lungs is not None:
-        masks["right_lung"] = result.lungs.right
-        masks["left_lung"] = result.lungs.left
-        if result.lungs.airways is not None and np.any(result.lungs.airways):
-            masks["airways"] = result.lungs.airways
-    if result.lesions is not None:
-        empty = np.zeros(result.lesions.lesion.shape, dtype=bool)
-        masks["lesion"] = result.lesions.lesion
-        masks["ggo"] = result.lesions.ggo if result.lesions.ggo is not None else empty
-        masks["consolidation"] = result.lesions.consolidation if result.lesions.consolidation is not None else empty
-    return {k: masks[k] for k in SEGMENT_ORDER if k in masks}  # type: ignore[misc]
 
 
 def _bounding_extent(mask: np.ndarray) -> Optional[Tuple[int, int, int, int, int, int]]:
@@ -546,7 +526,7 @@ def write_result_to_scene(
     prefix = name_prefix or f"{input_volume_node.GetName()} CovidCTDx"
     out = ResultNodes()
     with scene_transaction(scene):
-        masks = result_masks(result)
+        masks = segmentation_masks(result)
         if masks:
             out.segmentation = create_segmentation_node(scene, masks, input_volume_node, f"{prefix} segmentation", closed_surface)
         if result.classification is not None:

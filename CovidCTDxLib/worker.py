@@ -316,6 +316,7 @@ def result_from_outputs(out_dir: Path, ct: CTVolume) -> Result:
     if "lesion" in masks:
         source = ((payload.get("provenance") or {}).get("lesions") or {}).get("source", "")
         result.lesions = LesionMasks(masks["lesion"], masks.get("ggo"), masks.get("consolidation"), source)
+    result.deepsc_lesion = masks.get("deepsc_lesion")
     evidence_path = out_dir / "evidence.nrrd"
     if evidence_path.exists():
         result.evidence = sitk.GetArrayFromImage(sitk.ReadImage(str(evidence_path))).astype(np.float32)

@@ -78,9 +78,29 @@ def test_report_and_csv_carry_the_synthetic_label(full_run):
 def test_segmentation_has_the_public_segment_ids(full_run):
     ph, out, _ = full_run
     seg = read_segmentation(out / "segmentation.seg.nrrd", ph.ct)
-    assert {"right_lung", "left_lung", "lesion", "ggo", "consolidation"} <= set(seg.masks)
+    assert {"right_lung", "left_lung", "lesion", "ggo", "consolidation", "deepsc_lesion"} <= set(seg.masks)
     dice = 2 * (seg.masks["right_lung"] & ph.right_lung).sum() / (seg.masks["right_lung"].sum() + ph.right_lung.sum())
     assert dice > 0.95
+
+
+def test_synthetic_deepsc_lesions_are_shown_but_findings_use_the_density_engine(full_run):
+    """Demo weights never saw a real scan: their lesion mask is its own segment, and the
+    findings a clinician reads come from the density engine (validated on real scans)."""
+    _, _, r = full_run
+    assert r["findings"]["lesion_source"] == "density engine"
+    assert r["provenance"]["lesions"]["source"] == "density engine"
+
+
+def test_lesion_source_deepsc_puts_deepsc_lesions_into_the_findings(covid_phantom, tmp_path):
+    ph, path = covid_phantom
+    assert main(["-q", "run", str(path), "-o", str(tmp_path), "--stages", "lungs,deepsc,findings", "--lesion-source", "deepsc"]) == 0
+    r = json.loads((tmp_path / "results.json").read_text())
+    assert r["findings"]["lesion_source"].startswith("DeepSC-COVID")
+    seg = read_segmentation(tmp_path / "segmentation.seg.nrrd", ph.ct)
+    assert "deepsc_lesion" not in seg.masks  # it *is* the lesion segment
+    truth = ph.lesion
+    dice = 2 * (seg.masks["lesion"] & truth).sum() / (seg.masks["lesion"].sum() + truth.sum())
+    assert dice > 0.5
 
 
 def test_stages_not_selected_are_null_with_a_reason(covid_phantom, tmp_path):
