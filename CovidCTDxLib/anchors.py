@@ -14,6 +14,14 @@ trained RACNet", giving "insight on the network's decision making". Our reading:
   threshold. A scan farther than the threshold from the anchors of **every** class is
   flagged: no training prototype vouches for it, so its probabilities should not be trusted.
 
+Why a second anchor set: the aligned latent is LayerNorm-standardised and, after training,
+concentrates along the few directions the heads use, so an input unlike any CT (noise,
+a blank image) can still land near some class's latent anchors. The same k-means and
+percentile thresholds are therefore also computed on the **mean per-slice CNN feature**
+(input-level statistics, stored under ``input_anchors.``); a scan is out of distribution
+if it is far from every class in *either* space. Only the latent anchors explain a
+prediction.
+
 Anchors travel in the weights file as three tensors (``anchors.centres`` (M, L) float32,
 ``anchors.labels`` (M,) int64 indices into the class names, ``anchors.thresholds`` (C,)
 float32); the class names go in the model card (``config["anchor_classes"]``).
@@ -33,6 +41,8 @@ from .errors import WeightsError
 log = logging.getLogger(__name__)
 
 PREFIX = "anchors."
+#: Second anchor set on the slice-feature mean (input statistics), see module docstring.
+INPUT_PREFIX = "input_anchors."
 #: A class gets at most one centre per this many training scans (a centre per scan would
 #: make every in-class distance 0 and its threshold meaningless).
 MIN_SCANS_PER_ANCHOR = 5
@@ -65,20 +75,20 @@ class Anchors:
             raise ValueError("inconsistent anchor arrays")
 
     # ------------------------------------------------------------------ storage
-    def to_tensors(self) -> Dict[str, torch.Tensor]:
+    def to_tensors(self, prefix: str = PREFIX) -> Dict[str, torch.Tensor]:
         return {
-            PREFIX + "centres": torch.from_numpy(self.centres.copy()),
-            PREFIX + "labels": torch.from_numpy(self.labels.copy()),
-            PREFIX + "thresholds": torch.from_numpy(self.thresholds.copy()),
+            prefix + "centres": torch.from_numpy(self.centres.copy()),
+            prefix + "labels": torch.from_numpy(self.labels.copy()),
+            prefix + "thresholds": torch.from_numpy(self.thresholds.copy()),
         }
 
     @classmethod
-    def from_tensors(cls, state: Mapping[str, torch.Tensor], classes: Sequence[str]) -> "Anchors":
+    def from_tensors(cls, state: Mapping[str, torch.Tensor], classes: Sequence[str], prefix: str = PREFIX) -> "Anchors":
         try:
             return cls(
-                state[PREFIX + "centres"].numpy(),
-                state[PREFIX + "labels"].numpy(),
-                state[PREFIX + "thresholds"].numpy(),
+                state[prefix + "centres"].numpy(),
+                state[prefix + "labels"].numpy(),
+                state[prefix + "thresholds"].numpy(),
                 tuple(classes),
             )
         except (KeyError, ValueError) as exc:

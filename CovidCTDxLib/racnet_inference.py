@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .anchors import Anchors
+from .anchors import INPUT_PREFIX, PREFIX as ANCHOR_PREFIX, Anchors
 from .errors import WeightsError
 from .models.racnet import ARCHITECTURE, ARCHITECTURE_VERSION, RACNet, RACNetConfig
 from .progress import Progress
@@ -171,6 +171,14 @@ class RACNetBundle:
     anchors: Anchors
     prep: SlicePrep
     weights: Any  # weights.LoadedWeights
+    input_anchors: Optional[Anchors] = None  # on the mean slice feature (see anchors.py)
+
+    def out_of_distribution(self, pred: Mapping[str, np.ndarray]) -> bool:
+        """Far from every class's anchors in the latent space or in the input-feature space."""
+        ood = bool(self.anchors.is_out_of_distribution(pred["latent"]))
+        if self.input_anchors is not None:
+            ood = ood or bool(self.input_anchors.is_out_of_distribution(pred["feature"]))
+        return ood
 
 
 def model_card_config(cfg: RACNetConfig, prep: SlicePrep, anchor_classes) -> Dict[str, Any]:
@@ -212,13 +220,15 @@ def load_racnet(weights: Any) -> RACNetBundle:
     except (KeyError, TypeError) as exc:
         raise WeightsError(f"The model card of {weights.path.name} lacks the RACNet configuration ({exc}).") from exc
     model = RACNet(cfg)
-    state = {k: v for k, v in weights.state_dict.items() if not k.startswith("anchors.")}
+    state = {k: v for k, v in weights.state_dict.items() if not k.startswith((ANCHOR_PREFIX, INPUT_PREFIX))}
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
         raise WeightsError(f"{weights.path.name} does not fit the RACNet described by its card ({exc}).") from exc
     model.eval()
-    return RACNetBundle(model, Anchors.from_tensors(weights.state_dict, classes), prep, weights)
+    has_input = INPUT_PREFIX + "centres" in weights.state_dict
+    return RACNetBundle(model, Anchors.from_tensors(weights.state_dict, classes), prep, weights,
+                        Anchors.from_tensors(weights.state_dict, classes, INPUT_PREFIX) if has_input else None)
 
 
 # ---------------------------------------------------------------------------- inference
@@ -231,6 +241,7 @@ def predict_stack(model: RACNet, stack: np.ndarray) -> Dict[str, np.ndarray]:
         "covid": torch.softmax(out["covid_logits"], dim=1)[0].numpy(),
         "severity": torch.softmax(out["severity_logits"], dim=1)[0].numpy(),
         "latent": out["latent"][0].numpy(),
+        "feature": out["slice_feature_mean"][0].numpy(),
     }
 
 
@@ -260,12 +271,13 @@ def run_racnet(
     pred = predict_stack(bundle.model, stack)
     report(0.9, "RACNet: anchors")
     match = bundle.anchors.explain(pred["latent"], k=3)
+    ood = bundle.out_of_distribution(pred)
     probs = {k: float(p) for k, p in zip(SEVERITY_KEYS, pred["severity"])}
     label = SEVERITY_KEYS[int(np.argmax(pred["severity"]))]
     log.info(
         "RACNet: %s (p=%.2f), COVID p=%.2f, %d slices (%s), nearest anchor %s, OOD=%s",
         label, probs[label], float(pred["covid"][1]), len(sel), sel.method,
-        match.nearest[0] if match.nearest else None, match.out_of_distribution,
+        match.nearest[0] if match.nearest else None, ood,
     )
     report(1.0, "RACNet: done")
     return Severity(
@@ -273,7 +285,7 @@ def run_racnet(
         probabilities=probs,
         covid_probability=float(pred["covid"][1]),
         anchors=match.nearest,
-        out_of_distribution=match.out_of_distribution,
+        out_of_distribution=ood,
         provenance=weights.provenance(),
         slices_used=len(sel),
     )

@@ -282,8 +282,7 @@ def test_noise_is_out_of_distribution(demo):
     rng = np.random.default_rng(0)
     size = bundle.prep.size
     for stack in (rng.random((30, size, size), dtype=np.float32), np.ones((30, size, size), np.float32)):
-        z = predict_stack(bundle.model, stack)["latent"]
-        assert bundle.anchors.is_out_of_distribution(z)
+        assert bundle.out_of_distribution(predict_stack(bundle.model, stack))
 
 
 def test_run_racnet_on_real_covid_scan(demo, covid_dicom_dir):
@@ -292,7 +291,7 @@ def test_run_racnet_on_real_covid_scan(demo, covid_dicom_dir):
 
     w, bundle = demo
     s = run_racnet(read_ct(covid_dicom_dir), None, w, bundle=bundle)
-    assert s.slices_used > 20
+    assert s.slices_used >= 10
     assert 0.0 <= s.covid_probability <= 1.0
     d = s.to_dict()
     assert d["weights"]["not_for_diagnosis"] and len(d["nearest_anchors"]) == 3

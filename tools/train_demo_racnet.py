@@ -62,6 +62,24 @@ def held_out_metrics(path: Path, n: int) -> dict:
     }
 
 
+def refresh_anchors(a: argparse.Namespace) -> None:
+    """Recompute latent + input anchors of the weights at ``a.out`` from the training phantoms."""
+    import torch
+
+    from CovidCTDxLib.racnet_inference import load_racnet, save_racnet_weights
+    from CovidCTDxLib.training.racnet_data import make_phantom_items
+    from CovidCTDxLib.training.train_racnet import anchor_tensors
+    from CovidCTDxLib.weights import load_weights
+
+    torch.set_num_threads(a.threads)
+    w = load_weights(a.out, "racnet")
+    bundle = load_racnet(w)
+    items = make_phantom_items(a.phantoms, 1000, bundle.prep, cache_dir=a.cache)
+    state = {k: v for k, v in w.state_dict.items() if not k.startswith(("anchors.", "input_anchors."))}
+    state.update(anchor_tensors(bundle.model, items, 3, 0))
+    save_racnet_weights(a.out, state, w.card)
+
+
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("CovidCTDxLib.phantom_lesions").setLevel(logging.WARNING)
@@ -77,28 +95,34 @@ def main() -> int:
     ap.add_argument("--held-out", type=int, default=36)
     ap.add_argument("--work", type=Path, default=None, help="checkpoint folder (default: a temporary one)")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--anchors-only", action="store_true",
+                    help="do not train: recompute the anchors of the weights at --out from the training phantoms, re-score")
     a = ap.parse_args()
 
     from CovidCTDxLib.training import train_racnet
     from CovidCTDxLib.racnet_inference import save_racnet_weights
     from CovidCTDxLib.weights import load_weights
 
-    work = a.work or Path(tempfile.mkdtemp(prefix="racnet_demo_"))
     t0 = time.perf_counter()
-    args = train_racnet.build_parser().parse_args([
-        "--data", "phantoms", "--phantoms", str(a.phantoms), "--val-phantoms", str(a.val_phantoms),
-        "--epochs", str(a.epochs), "--slice-size", str(a.slice_size), "--slice-step-mm", str(a.slice_step_mm),
-        "--batch-size", "8", "--lr", "2e-3", "--threads", str(a.threads), *(["--cache", str(a.cache)] if a.cache else []),
-        "--time-limit-min", str(a.minutes), "--out", str(work), "--weights-out", str(a.out),
-        "--training-data", f"synthetic phantoms (CovidCTDxLib.phantom; {a.phantoms} training + {a.val_phantoms} validation; "
-                           "severity from lesion volume ratio) — not for diagnosis",
-    ])
-    train_racnet.run(args)
+    if a.anchors_only:
+        refresh_anchors(a)
+    else:
+        work = a.work or Path(tempfile.mkdtemp(prefix="racnet_demo_"))
+        args = train_racnet.build_parser().parse_args([
+            "--data", "phantoms", "--phantoms", str(a.phantoms), "--val-phantoms", str(a.val_phantoms),
+            "--epochs", str(a.epochs), "--slice-size", str(a.slice_size), "--slice-step-mm", str(a.slice_step_mm),
+            "--batch-size", "8", "--lr", "2e-3", "--threads", str(a.threads), *(["--cache", str(a.cache)] if a.cache else []),
+            "--time-limit-min", str(a.minutes), "--out", str(work), "--weights-out", str(a.out),
+            "--training-data", f"synthetic phantoms (CovidCTDxLib.phantom; {a.phantoms} training + {a.val_phantoms} validation; "
+                               "severity from lesion volume ratio) — not for diagnosis",
+        ])
+        train_racnet.run(args)
     total = time.perf_counter() - t0
     metrics = held_out_metrics(a.out, a.held_out)
     w = load_weights(a.out, "racnet")
     w.card.metrics["held_out"] = metrics
-    w.card.metrics["wall_seconds_total"] = round(total, 1)
+    if not a.anchors_only:
+        w.card.metrics["wall_seconds_total"] = round(total, 1)
     save_racnet_weights(a.out, w.state_dict, w.card)
     log.info("total wall %.0f s; held-out: %s", total, metrics)
     return 0

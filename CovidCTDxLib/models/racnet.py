@@ -163,6 +163,7 @@ class RACNet(nn.Module):
         """slices: (B, T, 1, H, W) ordered inferior→superior, zero-padded after ``lengths``.
 
         Returns ``covid_logits`` (B,2), ``severity_logits`` (B,4), ``latent`` (B,L),
+        ``slice_feature_mean`` (B,D) (input-level statistics for out-of-distribution checks),
         ``capsules`` (B,K,C) and ``coupling`` (B,T,K).
         """
         if slices.dim() != 5:
@@ -181,7 +182,9 @@ class RACNet(nn.Module):
         routed = self.routing(h, mask)
         v = routed["capsules"]
         z = self.align_norm(self.align(v.flatten(1)))
+        n = lengths.to(f.dtype)[:, None]
         return {
+            "slice_feature_mean": f.sum(dim=1) / n,  # (B, D) CNN features averaged over valid slices
             "covid_logits": self.covid_head(z),
             "severity_logits": self.severity_head(z),
             "latent": z,

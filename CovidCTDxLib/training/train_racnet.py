@@ -41,7 +41,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from ..anchors import compute_anchors
+from ..anchors import INPUT_PREFIX, compute_anchors
 from ..models.racnet import ARCHITECTURE, ARCHITECTURE_VERSION, RACNet, RACNetConfig, racnet_losses
 from ..racnet_inference import SlicePrep, model_card_config, save_racnet_weights
 from ..result import SEVERITY_KEYS
@@ -139,17 +139,37 @@ def predict(model: torch.nn.Module, items: Sequence[ScanItem], batch_size: int =
     net = common.unwrap(model)
     was = net.training
     net.eval()
-    cov, sev, lat = [], [], []
+    cov, sev, lat, feat = [], [], [], []
     for batch in iterate_batches(items, batch_size, range(len(items))):
         b = collate(batch)
         out = net(b["slices"], b["lengths"])
         cov.append(torch.softmax(out["covid_logits"], 1)[:, 1].numpy())
         sev.append(torch.softmax(out["severity_logits"], 1).numpy())
         lat.append(out["latent"].numpy())
+        feat.append(out["slice_feature_mean"].numpy())
     net.train(was)
     if not cov:
-        return {"covid": np.zeros(0), "severity": np.zeros((0, len(SEVERITY_KEYS))), "latent": np.zeros((0, net.config.latent_dim))}
-    return {"covid": np.concatenate(cov), "severity": np.concatenate(sev), "latent": np.concatenate(lat)}
+        return {"covid": np.zeros(0), "severity": np.zeros((0, len(SEVERITY_KEYS))),
+                "latent": np.zeros((0, net.config.latent_dim)), "feature": np.zeros((0, net.config.feature_dim))}
+    return {"covid": np.concatenate(cov), "severity": np.concatenate(sev), "latent": np.concatenate(lat),
+            "feature": np.concatenate(feat)}
+
+
+def anchor_tensors(model: torch.nn.Module, items: Sequence[ScanItem], k: int, seed: int,
+                   ctx: Optional[common.DistContext] = None) -> Dict[str, torch.Tensor]:
+    """Latent and input anchors of the training scans (gathered over ranks), as tensors.
+
+    Used at the end of training and by ``tools/train_demo_racnet.py`` to refresh the anchors
+    of existing weights without retraining.
+    """
+    pr = predict(model, items)
+    classes = np.asarray([it.anchor_class for it in items], int)
+    latents, feats = pr["latent"], pr["feature"]
+    if ctx is not None and ctx.distributed:
+        latents, feats, classes = ctx.all_gather_array(latents), ctx.all_gather_array(feats), ctx.all_gather_array(classes)
+    latent_anchors = compute_anchors(latents, classes, ANCHOR_CLASSES, k_per_class=k, seed=seed)
+    input_anchors = compute_anchors(feats, classes, ANCHOR_CLASSES, k_per_class=k, seed=seed)
+    return {**latent_anchors.to_tensors(), **input_anchors.to_tensors(INPUT_PREFIX)}
 
 
 def _recall(y: np.ndarray, p: np.ndarray, n: int) -> List[float]:
@@ -292,15 +312,10 @@ def _run(args: argparse.Namespace, ctx: common.DistContext) -> int:
 
     if best_state is not None:
         common.unwrap(net).load_state_dict(best_state)
-    # anchors from the training latents (no augmentation), gathered over ranks
-    pr = predict(net, train_items)
-    classes = np.asarray([it.anchor_class for it in train_items], int)
-    latents = pr["latent"]
-    if ctx.distributed:
-        latents, classes = ctx.all_gather_array(latents), ctx.all_gather_array(classes)
+    # anchors from the training scans (no augmentation), gathered over ranks
+    anchor_state = anchor_tensors(net, train_items, args.anchors_k, args.seed, ctx)
     if ctx.is_main:
-        anchors = compute_anchors(latents, classes, ANCHOR_CLASSES, k_per_class=args.anchors_k, seed=args.seed)
-        state = {**common.unwrap(net).state_dict(), **anchors.to_tensors()}
+        state = {**common.unwrap(net).state_dict(), **anchor_state}
         card = ModelCard(
             architecture=ARCHITECTURE,
             architecture_version=ARCHITECTURE_VERSION,
@@ -309,7 +324,8 @@ def _run(args: argparse.Namespace, ctx: common.DistContext) -> int:
             synthetic=synthetic,
             metrics={"validation": best.get("metrics", {}), "best_epoch": best.get("epoch", 0),
                      "epochs_run": epoch, "train_seconds": round(spent_s, 1), "data_seconds": round(data_s, 1),
-                     "training_scans": int(len(latents)), "anchors_per_class": np.bincount(anchors.labels, minlength=len(ANCHOR_CLASSES)).tolist()},
+                     "training_scans": int(len(train_items) * ctx.world_size),
+                     "anchors_per_class": np.bincount(anchor_state["anchors.labels"].numpy(), minlength=len(ANCHOR_CLASSES)).tolist()},
             notes=("RACNet (our reading of the COV19-CT-DB abstract): per-slice CNN, GRU, dynamic routing, "
                    "latent alignment, COVID and severity heads, k-means latent anchors."
                    + (" Synthetic training data — not for diagnosis." if synthetic else "")),
