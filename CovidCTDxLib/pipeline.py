@@ -21,7 +21,7 @@ import numpy as np
 
 from .errors import CovidCTDxError, WeightsError
 from .progress import CancelToken, Progress, ProgressCallback
-from .result import LesionMasks, Result
+from .result import Classification, LesionMasks, Result
 from .volume import CTVolume
 
 log = logging.getLogger(__name__)
@@ -157,26 +157,34 @@ def run_pipeline(
             step(1.0, "Findings done")
     elif "findings" not in stages:
         result.skipped["findings"] = "Findings stage not selected."
+    else:
+        result.skipped["findings"] = "No lesion mask: " + result.skipped.get("lesions", "lesions were not computed.")
 
     result.timings_s["total"] = round(time.perf_counter() - start, 3)
     reporter(1.0, "Done")
     return result
 
 
-def _run_deepsc(result: Result, options: PipelineOptions, step: Progress, timer: _Timer) -> None:
-    path = options.weights_path("deepsc")
+def _load_stage_weights(result: Result, options: PipelineOptions, model: str, output_key: str, title: str, step: Progress):
+    """The verified weights of a model stage, or None (with the reason) when there are none."""
+    path = options.weights_path(model)
     if not path.exists():
-        result.skipped["classification"] = f"No DeepSC-COVID weights at {path}; classification not run."
-        return
-    from .inference import run_deepsc
+        result.skipped[output_key] = f"No {title} weights at {path}; {output_key} not run."
+        return None
     from .weights import load_weights
 
-    with timer("deepsc"):
-        step(0.0, f"Loading DeepSC-COVID weights {path.name}")
-        weights = load_weights(path, expected_architecture="deepsc")
-        output = run_deepsc(result.ct, result.lungs, weights, progress=step.sub(0.05, 1.0))
-    from .result import Classification
+    step(0.0, f"Loading {title} weights {path.name}")
+    return load_weights(path, expected_architecture=model)
 
+
+def _run_deepsc(result: Result, options: PipelineOptions, step: Progress, timer: _Timer) -> None:
+    from .inference import run_deepsc
+
+    weights = _load_stage_weights(result, options, "deepsc", "classification", "DeepSC-COVID", step)
+    if weights is None:
+        return
+    with timer("deepsc"):
+        output = run_deepsc(result.ct, result.lungs, weights, progress=step.sub(0.05, 1.0))
     probabilities = output.probabilities
     label = max(probabilities, key=probabilities.get)
     result.classification = Classification(label=label, probabilities=probabilities, provenance=output.provenance)
@@ -185,7 +193,7 @@ def _run_deepsc(result: Result, options: PipelineOptions, step: Progress, timer:
     result.deepsc_lesion = output.lesion_mask
     use_deepsc = options.lesion_source == "deepsc" or (options.lesion_source == "auto" and not weights.card.synthetic)
     if use_deepsc:
-        result.lesions = LesionMasks(lesion=output.lesion_mask, source=f"DeepSC-COVID ({path.name})")
+        result.lesions = LesionMasks(lesion=output.lesion_mask, source=f"DeepSC-COVID ({weights.path.name})")
 
 
 def _finish_lesions(result: Result, options: PipelineOptions, step: Progress, timer: _Timer) -> None:
@@ -206,14 +214,10 @@ def _finish_lesions(result: Result, options: PipelineOptions, step: Progress, ti
 
 
 def _run_racnet(result: Result, options: PipelineOptions, step: Progress, timer: _Timer) -> None:
-    path = options.weights_path("racnet")
-    if not path.exists():
-        result.skipped["severity"] = f"No RACNet weights at {path}; severity not run."
-        return
     from .racnet_inference import run_racnet
-    from .weights import load_weights
 
+    weights = _load_stage_weights(result, options, "racnet", "severity", "RACNet", step)
+    if weights is None:
+        return
     with timer("racnet"):
-        step(0.0, f"Loading RACNet weights {path.name}")
-        weights = load_weights(path, expected_architecture="racnet")
         result.severity = run_racnet(result.ct, result.lungs, weights, progress=step.sub(0.05, 1.0))
