@@ -13,13 +13,12 @@ import logging
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
-import numpy as np
 
-from .errors import CovidCTDxError, WeightsError
+from .errors import CovidCTDxError
 from .progress import CancelToken, Progress, ProgressCallback
 from .result import Classification, LesionMasks, Result
 from .volume import CTVolume

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from CovidCTDxLib.cli import EXIT_CANCELLED, EXIT_USER_ERROR, main
+from CovidCTDxLib.cli import EXIT_USER_ERROR, main
 from CovidCTDxLib.errors import CancelledError
 from CovidCTDxLib.io import read_ct, read_segmentation, write_segmentation, write_volume
 from CovidCTDxLib.phantom import make_phantom
