@@ -258,13 +258,14 @@ def test_demo_weights_on_held_out_phantoms(demo):
     accuracy ≥ 0.9. 36 phantoms: with 18, one error moves the accuracy by 0.06."""
     from CovidCTDxLib.phantom import make_phantom, severity_from_lvr
     from CovidCTDxLib.training.common import accuracy, macro_f1
-    from CovidCTDxLib.training.racnet_data import PHANTOM_CYCLE, PHANTOM_SHAPE, PHANTOM_SPACING
+    from CovidCTDxLib.training.racnet_data import PHANTOM_CYCLE, PHANTOM_GEOMETRIES
 
     w, bundle = demo
     covid_t, covid_p, sev_t, sev_p, ood = [], [], [], [], []
     for i in range(36):
         kind, sev = PHANTOM_CYCLE[i % len(PHANTOM_CYCLE)]
-        ph = make_phantom(kind=kind, severity=sev, shape=PHANTOM_SHAPE, spacing=PHANTOM_SPACING, seed=900_000 + i)
+        geo = PHANTOM_GEOMETRIES[(i // len(PHANTOM_CYCLE)) % len(PHANTOM_GEOMETRIES)]
+        ph = make_phantom(kind=kind, severity=sev, shape=geo[0], spacing=geo[1], seed=900_000 + i)
         lungs = LungMasks(ph.right_lung, ph.left_lung, ph.airways, np.zeros(ph.ct.shape, bool))
         s = run_racnet(ph.ct, lungs, w, bundle=bundle)
         assert abs(sum(s.probabilities.values()) - 1) < 1e-4 and s.label in SEVERITY_KEYS

@@ -30,7 +30,7 @@ def held_out_metrics(path: Path, n: int) -> dict:
     from CovidCTDxLib.racnet_inference import load_racnet, run_racnet
     from CovidCTDxLib.result import SEVERITY_KEYS, LungMasks
     from CovidCTDxLib.training.common import accuracy, confusion_matrix, macro_f1
-    from CovidCTDxLib.training.racnet_data import PHANTOM_CYCLE, PHANTOM_SHAPE, PHANTOM_SPACING
+    from CovidCTDxLib.training.racnet_data import PHANTOM_CYCLE, PHANTOM_GEOMETRIES
     from CovidCTDxLib.weights import load_weights
 
     w = load_weights(path, "racnet")
@@ -38,7 +38,8 @@ def held_out_metrics(path: Path, n: int) -> dict:
     ct_, cp, st, sp, ood, secs = [], [], [], [], [], []
     for i in range(n):
         kind, sev = PHANTOM_CYCLE[i % len(PHANTOM_CYCLE)]
-        ph = make_phantom(kind=kind, severity=sev, shape=PHANTOM_SHAPE, spacing=PHANTOM_SPACING, seed=HELD_OUT_SEED + i)
+        geo = PHANTOM_GEOMETRIES[(i // len(PHANTOM_CYCLE)) % len(PHANTOM_GEOMETRIES)]
+        ph = make_phantom(kind=kind, severity=sev, shape=geo[0], spacing=geo[1], seed=HELD_OUT_SEED + i)
         lungs = LungMasks(ph.right_lung, ph.left_lung, ph.airways, np.zeros(ph.ct.shape, bool))
         t = time.perf_counter()
         s = run_racnet(ph.ct, lungs, w, bundle=bundle)

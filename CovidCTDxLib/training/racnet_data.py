@@ -212,6 +212,10 @@ PHANTOM_CYCLE: Tuple[Tuple[str, Optional[str]], ...] = (
 )
 PHANTOM_SHAPE = (48, 112, 112)
 PHANTOM_SPACING = (3.2, 3.2, 6.0)
+#: Geometries cycled block by block (six phantoms each) when training: the small fast one
+#: and the product's default phantom grid (``phantom.DEFAULT_SHAPE``/``DEFAULT_SPACING``), so
+#: the weights see more than one resolution and slice thickness.
+PHANTOM_GEOMETRIES = ((PHANTOM_SHAPE, PHANTOM_SPACING), ((96, 192, 192), (2.0, 2.0, 3.5)))
 
 
 def phantom_item(index: int, seed: int, prep: SlicePrep, shape=PHANTOM_SHAPE, spacing=PHANTOM_SPACING, domain: int = 0) -> ScanItem:
@@ -244,22 +248,27 @@ def _cache_path(cache_dir: Path, index: int, seed: int, prep: SlicePrep, shape, 
 
 
 def make_phantom_items(
-    n: int, seed: int, prep: SlicePrep, shape=PHANTOM_SHAPE, spacing=PHANTOM_SPACING,
+    n: int, seed: int, prep: SlicePrep, shape=None, spacing=None,
     rank: int = 0, world: int = 1, progress_every: int = 20, cache_dir: Optional[Path] = None,
 ) -> List[ScanItem]:
     """``n`` phantoms with seeds ``seed, seed+1, …`` (this rank's share when distributed).
+
+    Without ``shape``/``spacing`` the geometry cycles through :data:`PHANTOM_GEOMETRIES`
+    block by block of six (so every geometry gets every kind and severity).
 
     ``cache_dir`` keeps each prepared stack as ``.npz`` (keyed by kind, seed, preprocessing
     and geometry), so a resumed or repeated run does not regenerate phantoms.
     """
     items = []
     for i in range(rank, n, world):
-        path = _cache_path(cache_dir, i, seed + i, prep, shape, spacing) if cache_dir else None
+        g_shape, g_spacing = (shape, spacing) if shape is not None else PHANTOM_GEOMETRIES[(i // len(PHANTOM_CYCLE)) % len(PHANTOM_GEOMETRIES)]
+        g_spacing = g_spacing if g_spacing is not None else PHANTOM_SPACING
+        path = _cache_path(cache_dir, i, seed + i, prep, g_shape, g_spacing) if cache_dir else None
         if path is not None and path.exists():
             with np.load(path) as z:
                 items.append(ScanItem(z["stack"], int(z["covid"]), int(z["severity"]), 0, str(z["name"])))
         else:
-            it = phantom_item(i, seed + i, prep, shape, spacing)
+            it = phantom_item(i, seed + i, prep, g_shape, g_spacing)
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 np.savez(path, stack=it.stack, covid=it.covid, severity=it.severity, name=it.name)
