@@ -151,6 +151,7 @@ def compute_anchors(
     k_per_class: int = 3,
     percentile: float = 99.0,
     seed: int = 0,
+    margin: float = 1.25,
 ) -> Anchors:
     """k-means centres per class and per-class OOD thresholds from training latents.
 
@@ -159,6 +160,9 @@ def compute_anchors(
         labels: (N,) class index of each scan (into ``classes``).
         k_per_class: maximum centres per class (fewer if the class has < 5·k scans).
         percentile: of same-class nearest-anchor distances, used as the OOD threshold.
+        margin: factor on that percentile. Why: with a few dozen scans per class the
+            empirical 99th percentile is about the sample maximum and new in-distribution
+            scans exceed it often (22 % of held-out phantoms were flagged without it).
         seed: k-means seed (results are reproducible).
 
     A class without training scans gets no anchors and threshold 0, so it can never vouch
@@ -183,7 +187,7 @@ def compute_anchors(
             cent, assign = kmeans2(zc, k, minit="++", seed=seed + c)
             cent = cent[np.bincount(assign, minlength=k) > 0]  # drop empty clusters
         d = np.linalg.norm(zc[:, None, :] - cent[None], axis=-1).min(axis=1)
-        thresholds[c] = np.percentile(d, percentile)
+        thresholds[c] = margin * np.percentile(d, percentile)
         centres.append(cent)
         owners += [c] * len(cent)
     return Anchors(np.concatenate(centres), np.asarray(owners), thresholds, tuple(classes))
