@@ -1,11 +1,11 @@
 """The shipped DeepSC-COVID demo weights: integrity, model card, and held-out phantom figures.
 
-Held-out phantoms use seeds that neither the training script (1000+) nor its own held-out
-check (9001+) used. Requirement (issue 4): lesion Dice ≥ 0.6 and 3-class accuracy ≥ 0.9.
-These six seeds were fixed before the weights were trained. Known limit, stated in the
-model card and the report: on the training script's own six held-out phantoms and on a
-wider set of 12, accuracy is 0.83 (mild CAP vs mild COVID-19 is the usual confusion), so
-the accuracy target is met on this set but not robustly.
+Requirement (issue 4): on held-out phantoms (new seeds) lesion Dice ≥ 0.6 and 3-class
+accuracy ≥ 0.9. The held-out set is 18 phantoms — 6 COVID-19, 6 CAP, 6 normal, the
+pneumonias from mild to critical with half of them mild (mild COVID-19 vs mild CAP is
+the hard decision) — on seeds 7101..7118, which neither the training script (1000..1299)
+nor its own held-out check (9001..9012) uses. The seeds were fixed before the weights
+were trained; with 18 scans two errors fail the test (16/18 = 0.89).
 """
 from __future__ import annotations
 
@@ -22,8 +22,10 @@ from CovidCTDxLib.weights import load_weights
 
 DEMO = Path(__file__).resolve().parents[1] / "Resources" / "weights" / "deepsc_demo.safetensors"
 SHAPE, SPACING = (64, 144, 144), (2.5, 2.5, 4.0)
-HELD_OUT = [("covid", "moderate", 7001), ("cap", "moderate", 7002), ("normal", None, 7003),
-            ("covid", "severe", 7004), ("cap", "mild", 7005), ("normal", None, 7006)]  # fmt: skip
+SPECS = [("covid", "mild"), ("covid", "mild"), ("covid", "mild"), ("covid", "moderate"), ("covid", "severe"), ("covid", "critical"),
+         ("cap", "mild"), ("cap", "mild"), ("cap", "mild"), ("cap", "moderate"), ("cap", "moderate"), ("cap", "severe"),
+         ("normal", None), ("normal", None), ("normal", None), ("normal", None), ("normal", None), ("normal", None)]  # fmt: skip
+HELD_OUT = [(kind, severity, 7101 + i) for i, (kind, severity) in enumerate(SPECS)]
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +41,7 @@ def test_demo_weights_are_small_verified_and_labelled(demo):
     assert card.synthetic and card.label == NOT_FOR_DIAGNOSIS
     assert "synthetic" in card.training_data
     assert card.metrics["held_out_lesion_dice"] >= 0.6
-    assert 0.0 <= card.metrics["held_out_accuracy"] <= 1.0 and card.metrics["held_out_phantoms"] >= 6
+    assert 0.0 <= card.metrics["held_out_accuracy"] <= 1.0 and card.metrics["held_out_phantoms"] >= 12
     assert card.metrics["script_wall_s"] <= 20 * 60
     prov = demo.provenance().to_dict()
     assert prov["label"] == NOT_FOR_DIAGNOSIS and prov["weights_sha256"] == demo.sha256
@@ -49,18 +51,23 @@ def test_demo_weights_are_small_verified_and_labelled(demo):
 def test_held_out_phantoms_dice_and_accuracy(demo):
     from CovidCTDxLib.phantom import make_phantom
 
-    dices, correct = [], 0
+    from CovidCTDxLib.result import CLASS_KEYS
+
+    dices, confusion = [], np.zeros((len(CLASS_KEYS), len(CLASS_KEYS)), dtype=int)
+    false_lesion = []
     for kind, severity, seed in HELD_OUT:
         p = make_phantom(kind, severity, shape=SHAPE, spacing=SPACING, seed=seed)
         lungs = LungMasks(p.right_lung, p.left_lung, p.airways, p.body)
         out = run_deepsc(p.ct, lungs, demo)
         pred = max(out.probabilities, key=out.probabilities.get)
-        correct += pred == p.label
+        confusion[CLASS_KEYS.index(p.label), CLASS_KEYS.index(pred)] += 1
         if p.lesion.any():
             dices.append(dice_score(out.lesion_mask, p.lesion, lungs.lungs))
         else:  # a normal chest: almost no false lesion
-            assert out.lesion_mask.sum() < 0.01 * lungs.lungs.sum()
-    accuracy = correct / len(HELD_OUT)
-    print(f"held-out phantoms: Dice {np.mean(dices):.3f} (per case {np.round(dices, 3)}), accuracy {accuracy:.3f}")
+            false_lesion.append(out.lesion_mask.sum() / lungs.lungs.sum())
+    accuracy = np.trace(confusion) / len(HELD_OUT)
+    print(f"held-out phantoms (n={len(HELD_OUT)}): Dice {np.mean(dices):.3f} (per case {np.round(dices, 3)}), "
+          f"accuracy {accuracy:.3f}; confusion (rows true, cols pred, {CLASS_KEYS}):\n{confusion}")
+    assert max(false_lesion) < 0.01
     assert np.mean(dices) >= 0.6
     assert accuracy >= 0.9
