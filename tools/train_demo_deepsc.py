@@ -1,8 +1,9 @@
 """Train the DeepSC-COVID demo weights on CPU, reproducibly, and state how long it took.
 
 Training data (all labels synthetic):
-- phantoms from ``CovidCTDxLib.phantom.make_phantom``: COVID-19 (mild..critical), CAP
-  (mild, moderate) and normal chests on a 64×144×144 grid at 2.5×2.5×4 mm;
+- phantoms from ``CovidCTDxLib.phantom.make_phantom``, class-balanced (3 sets of 6 COVID-19,
+  6 CAP, 6 normal; half the pneumonias mild, the rest moderate..critical) on a 64×144×144
+  grid at 2.5×2.5×4 mm;
 - the real chest CT Lung-PET-CT-Dx A0001 (TCIA, CC BY 4.0) as is (non-pneumonia) and with
   COVID-19 / CAP lesions inserted by ``phantom.insert_lesions`` inside its reference lungs.
 
@@ -11,7 +12,7 @@ inference path (``run_deepsc`` on the CT grid) and writes
 ``Resources/weights/deepsc_demo.safetensors`` with its model card (``deepsc_demo.json``,
 "synthetic training data — not for diagnosis").
 
-Run: ``.venv/bin/python tools/train_demo_deepsc.py [--minutes 18] [--out Resources/weights]``
+Run: ``.venv/bin/python tools/train_demo_deepsc.py [--minutes 19] [--out Resources/weights]``
 (1 CPU thread by default; wall time is logged and stored in the card).
 """
 from __future__ import annotations
