@@ -184,6 +184,34 @@ def test_partial_coverage_lower_half():
     assert dice(m.left, p.left_lung[cut]) >= 0.97
 
 
+def test_stomach_gas_below_the_diaphragm_is_not_lung():
+    """A stomach bubble in the upper abdomen stays out of the lungs.
+
+    Like the real COVID scan's stomach, it is gas mottled with food (a quarter of its voxels
+    at -750 HU), so its block-averaged median (about -930 HU) looks like lung; only its
+    full-resolution share of gas-level voxels gives it away.
+    """
+    p = phantom(kind="normal", shape=(140, 160, 160), spacing=(2.2, 2.2, 3.5), seed=8)
+    zs = np.nonzero(p.lungs.any(axis=(1, 2)))[0]
+    body_below = p.body[: zs.min()]
+    k = zs.min() - 4  # a few slices under the left lung base
+    ys, xs = np.nonzero(p.body[k])
+    cy, cx = int(ys.mean()) - 10, int(np.percentile(xs, 70))  # anterior, patient left (high x)
+    z, y, x = np.ogrid[: p.ct.shape[0], : p.ct.shape[1], : p.ct.shape[2]]
+    sx, sy, sz = p.ct.spacing
+    bubble = ((x - cx) * sx / 30) ** 2 + ((y - cy) * sy / 20) ** 2 + ((z - k) * sz / 12) ** 2 < 1
+    bubble &= p.body
+    assert body_below.any() and bubble.sum() * p.ct.voxel_volume_ml > 20
+    array = p.ct.array.copy()
+    rng = np.random.default_rng(0)
+    gas = rng.normal(-1000, 40, bubble.sum())
+    gas[rng.random(bubble.sum()) < 0.25] = -750
+    array[bubble] = gas.astype(np.int16)
+    m = segment_lungs(p.ct.with_array(array))
+    assert not (m.lungs & bubble).any()
+    assert dice(m.left, p.left_lung) >= 0.97
+
+
 # --------------------------------------------------------------------------- bad inputs
 def test_abdomen_only_raises():
     # a tall grid (490 mm) so the phantom's upper abdomen below the lungs is in view
