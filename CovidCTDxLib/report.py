@@ -14,6 +14,11 @@ def _pct(p: float) -> str:
     return f"{100.0 * p:.1f}%"
 
 
+def _weights_line(w: Dict[str, Any]) -> str:
+    label = f" **{w['label']}**" if w.get("label") else ""
+    return f"Weights: {w['weights_file']} (SHA-256 {w['weights_sha256'][:12]}…), trained on {w['training_data']}.{label}"
+
+
 def render_report(results: Dict[str, Any]) -> str:
     lines: List[str] = ["# CovidCTDx report", ""]
     src = results["input"]
@@ -36,8 +41,7 @@ def render_report(results: Dict[str, Any]) -> str:
     if cls:
         lines.append(f"**{CLASS_NAMES.get(cls['label'], cls['label'])}** — " + ", ".join(
             f"{CLASS_NAMES.get(k, k)} {_pct(v)}" for k, v in cls["probabilities"].items()))
-        w = cls["weights"]
-        lines.append(f"Weights: {w['weights_file']} (SHA-256 {w['weights_sha256'][:12]}…), trained on {w['training_data']}.")
+        lines.append(_weights_line(cls["weights"]))
     else:
         lines.append(f"Not run: {results['not_run'].get('classification', 'no reason recorded')}")
     lines.append("")
@@ -46,8 +50,7 @@ def render_report(results: Dict[str, Any]) -> str:
     if sev:
         lines.append(f"**{sev['label']}** — " + ", ".join(f"{k} {_pct(v)}" for k, v in sev["probabilities"].items()))
         lines.append(f"COVID-19 probability {_pct(sev['covid_probability'])}; out of distribution: {'yes' if sev['out_of_distribution'] else 'no'}.")
-        w = sev["weights"]
-        lines.append(f"Weights: {w['weights_file']} (SHA-256 {w['weights_sha256'][:12]}…), trained on {w['training_data']}.")
+        lines.append(_weights_line(sev["weights"]))
     else:
         lines.append(f"Not run: {results['not_run'].get('severity', 'no reason recorded')}")
     lines.append("")
