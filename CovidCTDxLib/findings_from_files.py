@@ -9,48 +9,63 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Mapping
 
 import numpy as np
 
 from .errors import InputError
 from .io import read_ct, read_segmentation
 from .result import LesionMasks, LungMasks, Result
+from .volume import CTVolume
 
 log = logging.getLogger(__name__)
 
 
-def result_from_segmentation(ct_path: Path, seg_path: Path) -> Result:
-    """Lungs and lesions from the seg.nrrd (lungs re-masked only if it has none)."""
+def findings_from_masks(ct: CTVolume, masks: Mapping[str, np.ndarray], source: str, remask_missing_lungs: bool = False) -> Result:
+    """Segment masks (possibly edited) on ``ct``'s grid → Result with lungs, lesions, zones, findings.
+
+    The rules shared by ``covidctdx findings`` and the Slicer bridge: the lesion is clipped to
+    the lungs and ground glass / consolidation to the lesion (so erasing part of a lesion also
+    erases its sub-types there); missing sub-types are split from HU. Without lung segments
+    the lungs are masked again when ``remask_missing_lungs``, else the masks are refused.
+    """
     from .findings import compute_findings
+    from .lesions import split_lesion_types
     from .zones import compute_zones
 
-    start = time.perf_counter()
-    ct = read_ct(ct_path)
-    seg = read_segmentation(seg_path, ct)
+    missing = [k for k in ("right_lung", "left_lung", "lesion") if k not in masks]
+    if "lesion" in missing or (missing and not remask_missing_lungs):
+        raise InputError(
+            f"{source}: has no " + ", ".join(f"'{m}'" for m in missing) + " segment. Findings need the "
+            "right_lung, left_lung and lesion segments that CovidCTDx created (renaming or deleting them breaks this)."
+        )
     result = Result(ct=ct)
-    masks = seg.masks
-    if "lesion" not in masks:
-        raise InputError(f"{seg_path}: has no 'lesion' segment (segments: {', '.join(seg.names.values())}).")
     empty = np.zeros(ct.shape, dtype=bool)
-    if "right_lung" in masks and "left_lung" in masks:
-        result.lungs = LungMasks(masks["right_lung"], masks["left_lung"], masks.get("airways", empty), empty, method="from segmentation file")
-    else:
+    if missing:
         from .lungs import segment_lungs
 
-        log.warning("%s has no right_lung/left_lung segments; masking lungs again.", seg_path)
+        log.warning("%s has no right_lung/left_lung segments; masking lungs again.", source)
         result.lungs = segment_lungs(ct)
+    else:
+        result.lungs = LungMasks(masks["right_lung"], masks["left_lung"], masks.get("airways", empty), empty, method=source)
     lesion = masks["lesion"] & result.lungs.lungs
     ggo, consolidation = masks.get("ggo"), masks.get("consolidation")
     if ggo is None or consolidation is None:
-        from .lesions import split_lesion_types
-
         ggo, consolidation = split_lesion_types(ct, lesion)
-    result.lesions = LesionMasks(lesion, ggo & lesion, consolidation & lesion, source=f"segmentation file {Path(seg_path).name}")
+    result.lesions = LesionMasks(lesion, ggo & lesion, consolidation & lesion, source=source)
     result.zones = compute_zones(ct, result.lungs.right, result.lungs.left)
-    t = time.perf_counter()
+    start = time.perf_counter()
     result.findings = compute_findings(ct, result.lungs, result.lesions, result.zones)
-    result.timings_s["findings"] = round(time.perf_counter() - t, 3)
+    result.timings_s["findings"] = round(time.perf_counter() - start, 3)
+    return result
+
+
+def result_from_segmentation(ct_path: Path, seg_path: Path) -> Result:
+    """Lungs and lesions from the seg.nrrd (lungs re-masked only if it has none)."""
+    start = time.perf_counter()
+    ct = read_ct(ct_path)
+    seg = read_segmentation(seg_path, ct)
+    result = findings_from_masks(ct, seg.masks, f"segmentation file {Path(seg_path).name}", remask_missing_lungs=True)
     result.timings_s["total"] = round(time.perf_counter() - start, 3)
     result.skipped["classification"] = "Recomputing findings from a segmentation file; models not run."
     result.skipped["severity"] = "Recomputing findings from a segmentation file; models not run."

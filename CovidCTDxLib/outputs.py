@@ -25,16 +25,16 @@ from .segments import SEGMENT_ORDER
 FILES = ("segmentation.seg.nrrd", "evidence.nrrd", "results.json", "findings.csv", "report.md")
 
 
-def _clean(value: Any) -> Any:
-    """JSON-safe: numpy scalars to Python, NaN to None."""
+def json_safe(value: Any) -> Any:
+    """JSON-safe copy: numpy scalars/arrays to Python, NaN to None (used by the CLI and the Slicer bridge)."""
     if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
+        return [json_safe(v) for v in value]
     if isinstance(value, np.generic):
         value = value.item()
     if isinstance(value, np.ndarray):
-        return _clean(value.tolist())
+        return json_safe(value.tolist())
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
@@ -87,7 +87,7 @@ def results_dict(result: Result, source: str = "") -> Dict[str, Any]:
         "provenance": provenance,
         "timings_s": dict(result.timings_s),
     }
-    return _clean(payload)
+    return json_safe(payload)
 
 
 def segmentation_masks(result: Result) -> Dict[str, np.ndarray]:

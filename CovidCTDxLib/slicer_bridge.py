@@ -25,8 +25,8 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from .errors import GeometryError, InputError
-from .result import CLASS_KEYS, CLASS_NAMES, NOT_FOR_DIAGNOSIS, SEVERITY_KEYS, LesionMasks, LungMasks, Provenance, Result
-from .outputs import segmentation_masks
+from .result import CLASS_KEYS, CLASS_NAMES, NOT_FOR_DIAGNOSIS, SEVERITY_KEYS, Provenance, Result
+from .outputs import json_safe, segmentation_masks
 from .segments import SEGMENTS, SegmentSpec
 from .volume import CTVolume
 
@@ -459,18 +459,8 @@ def write_findings_table(scene, findings, name: str, table_node=None):
     if table_node is None:
         table_node = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
     fill_table(table_node, FINDINGS_COLUMNS, rows)
-    table_node.SetAttribute(ATTRIBUTE_PREFIX + "findings", json.dumps(_jsonable(findings.to_dict())))
+    table_node.SetAttribute(ATTRIBUTE_PREFIX + "findings", json.dumps(json_safe(findings.to_dict())))
     return table_node
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
 
 
 # --------------------------------------------------------------------------- evidence map
@@ -616,48 +606,18 @@ def masks_from_segmentation_node(segmentation_node, reference_volume_node) -> Di
     return masks
 
 
-def lung_and_lesion_masks(masks: Mapping[str, np.ndarray]) -> Tuple[LungMasks, LesionMasks]:
-    """LungMasks/LesionMasks from segment masks; refuses a segmentation that lacks them.
-
-    Same rules as the command line's ``covidctdx findings``: the lesion is clipped to the
-    lungs, and ground glass / consolidation to the lesion, so erasing part of a lesion
-    also erases its sub-types there.
-    """
-    missing = [k for k in ("right_lung", "left_lung", "lesion") if k not in masks]
-    if missing:
-        raise InputError(
-            "The segmentation has no " + ", ".join(f"'{m}'" for m in missing) + " segment. Findings need the "
-            "right_lung, left_lung and lesion segments that CovidCTDx created (renaming or deleting them breaks this)."
-        )
-    right, left = masks["right_lung"], masks["left_lung"]
-    empty = np.zeros_like(right)
-    lungs = LungMasks(right=right, left=left, airways=masks.get("airways", empty), body=empty, method="edited segmentation")
-    lesion = masks["lesion"] & lungs.lungs
-    ggo, consolidation = masks.get("ggo"), masks.get("consolidation")
-    lesions = LesionMasks(
-        lesion=lesion,
-        ggo=None if ggo is None else ggo & lesion,
-        consolidation=None if consolidation is None else consolidation & lesion,
-        source="edited segmentation",
-    )
-    return lungs, lesions
-
-
 def recompute_findings(scene, segmentation_node, volume_node, table_node=None):
     """Recompute the findings table from a (possibly edited) segmentation.
 
-    The findings are computed before the scene is touched, so an error leaves an existing
-    table as it was. Returns the (new or updated) findings table node.
+    Same rules as the command line's ``covidctdx findings`` (``findings_from_masks``). The
+    findings are computed before the scene is touched, so an error leaves an existing table
+    as it was. Returns the (new or updated) findings table node.
     """
-    lungs, lesions = lung_and_lesion_masks(masks_from_segmentation_node(segmentation_node, volume_node))
-    ct = ct_from_volume_node(volume_node, copy=False)  # synchronous, read-only
-    from .findings import compute_findings
-    from .lesions import split_lesion_types
-    from .zones import compute_zones
+    from .findings_from_files import findings_from_masks
 
-    if lesions.ggo is None or lesions.consolidation is None:
-        lesions.ggo, lesions.consolidation = split_lesion_types(ct, lesions.lesion)
-    findings = compute_findings(ct, lungs, lesions, compute_zones(ct, lungs.right, lungs.left))
+    masks = masks_from_segmentation_node(segmentation_node, volume_node)
+    ct = ct_from_volume_node(volume_node, copy=False)  # synchronous, read-only
+    findings = findings_from_masks(ct, masks, "edited segmentation").findings
     name = f"{volume_node.GetName()} CovidCTDx findings"
     with scene_transaction(scene):
         created = table_node is None
