@@ -36,6 +36,7 @@ from scipy import ndimage as ndi
 from skimage.segmentation import watershed
 
 from .errors import LungsNotFoundError
+from .lung_enclosure import enclosed_disease
 from .progress import Progress
 from .result import LungMasks
 from .volume import LPS_LEFT, LPS_POSTERIOR, LPS_SUPERIOR, CTVolume
@@ -555,6 +556,13 @@ def _fill_disease(labels, coarse, body, airways, grid) -> np.ndarray:
         m |= _close_mm(m, CLOSING_RADIUS_MM, grid.spacing_zyx) & allowed
         m = _fill_holes_2d(m)
         out[m & (out == 0)] = side
+    soft_tissue = body & (coarse >= LUNG_AIR_HU) & (coarse <= BONE_HU) & ~_dilate(airways, 1)
+    for side in (1, 2):
+        lung = out == side
+        added = enclosed_disease(
+            lung, out == 3 - side, soft_tissue & (out == 0), coarse > BONE_HU, body, airways, grid.spacing_zyx
+        )
+        out[added & (out == 0)] = side
     return out
 
 

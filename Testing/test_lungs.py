@@ -61,7 +61,6 @@ def test_a0001_matches_reference_right_lung(a0001):
     assert m.body[m.right | m.left].all()
 
 
-@DENSE_FILL_GAP
 @pytest.mark.realdata
 def test_a0001_matches_reference_left_lung_with_tumour(a0001):
     ct, ref, m = a0001

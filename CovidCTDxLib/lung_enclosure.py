@@ -1,0 +1,229 @@
+"""Dense disease that the lung does not surround in-plane, found by ray enclosure.
+
+Why: a mass or consolidation against the mediastinum or the chest wall is soft tissue
+that touches the aerated lung on one side only, so neither a rolling-ball closing (it fills
+gaps narrower than the ball, not blobs) nor axial hole filling (the blob is open towards
+the mediastinum or ribs) puts it back into the lung. What sets such a blob apart from the
+heart, the aorta or the liver is where it sits: inside the pleural cavity, walled in on
+nearly every side by *its own* lung and the bony cage (ribs, spine), while mediastinal
+structures see the other lung, the airways or a long run of soft tissue, and the liver or
+spleen under the diaphragm (and the neck above the apex) have no lung or bone straight
+below (above) them.
+
+So every soft-tissue voxel near a lung casts rays in ``ENCLOSURE_DIRECTIONS`` directions
+spread evenly over the sphere (in mm, so anisotropic voxels do not bias it) and is kept
+when:
+
+- at least ``MIN_ENCLOSED_SHARE`` of the rays first hit this lung or bone within
+  ``RAY_RADIUS_MM``, and at least ``MIN_OWN_LUNG_SHARE`` hit this lung (bone alone walls in
+  the paraspinal muscles too);
+- at most ``MAX_OTHER_SHARE`` hit the other lung or the airways (mediastinum);
+- the rays straight up and straight down both end on this lung or bone within
+  ``VERTICAL_RADIUS_MM`` (not the liver dome, the neck or a vessel running craniocaudally
+  such as the descending aorta).
+
+The kept voxels are opened by ``OPENING_MM`` in-plane (the thin layer of chest wall
+between pleura and ribs is walled in too, but is never a blob) and only pieces touching
+the lung are added. The rays run on a grid of about ``RAY_GRID_MM`` voxels, which keeps
+the cost near one second; the decision is pasted back onto the caller's grid and
+intersected with its own soft-tissue mask.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Tuple
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage as ndi
+
+log = logging.getLogger(__name__)
+
+#: Ray grid voxel size (mm): the rays' resolution, not the output's.
+RAY_GRID_MM = 4.0
+#: Rays spread on the sphere (Fibonacci lattice) and how far they look (mm). 60 mm reaches
+#: the lung from the middle of a 10-12 cm mass.
+ENCLOSURE_DIRECTIONS = 32
+RAY_RADIUS_MM = 60.0
+#: The straight up / down rays look further: a mass may span most of a lung's height.
+VERTICAL_RADIUS_MM = 100.0
+MIN_ENCLOSED_SHARE = 0.8
+MIN_OWN_LUNG_SHARE = 0.2
+MAX_OTHER_SHARE = 0.05
+#: Ribs are thin and oblique: bone is spread this far (mm) craniocaudally so rays do not
+#: slip between two ribs of an axial slice.
+CAGE_Z_MM = 10.0
+OPENING_MM = 4.0
+
+# Ray-stop codes on the ray grid.
+_PASS, _OWN, _BONE, _OPEN, _OTHER = 0, 1, 2, 3, 4
+
+
+def enclosed_disease(
+    lung: np.ndarray,
+    other_lung: np.ndarray,
+    soft_tissue: np.ndarray,
+    bone: np.ndarray,
+    body: np.ndarray,
+    airways: np.ndarray,
+    spacing_zyx: Tuple[float, float, float],
+) -> np.ndarray:
+    """Voxels of ``soft_tissue`` walled in by ``lung`` and bone, touching ``lung``.
+
+    All masks are bool arrays on one grid (axial order z, y, x; z towards superior does
+    not matter, rays go both ways). ``soft_tissue`` is the caller's candidate mask (not
+    aerated, not bone, inside the body, not in either lung, off the airways).
+    """
+    if not lung.any() or not soft_tissue.any():
+        return np.zeros_like(lung)
+    factors = tuple(max(1, int(round(RAY_GRID_MM / s))) for s in spacing_zyx)
+    ray_spacing = tuple(s * f for s, f in zip(spacing_zyx, factors))
+    cage = _spread_z(bone, CAGE_Z_MM, spacing_zyx[0])
+    codes = _ray_codes(lung, other_lung, cage, body, airways, soft_tissue, factors)
+    candidates = _near(codes == _OWN, RAY_RADIUS_MM, ray_spacing) & (codes == _PASS)
+    keep = np.zeros(codes.shape, bool)
+    idx = np.nonzero(candidates)
+    if idx[0].size:
+        keep[idx] = _walled_in(codes, idx, ray_spacing)
+    decided = _upsample(keep, lung.shape, factors) & soft_tissue
+    decided = _open_inplane(decided, OPENING_MM, spacing_zyx)
+    added = _touching(decided, lung)
+    log.debug("enclosure fill: %d voxels added to a lung of %d", int(added.sum()), int(lung.sum()))
+    return added
+
+
+def _spread_z(mask: np.ndarray, mm: float, z_spacing: float) -> np.ndarray:
+    n = int(round(mm / z_spacing))
+    return ndi.maximum_filter1d(mask, 2 * n + 1, axis=0) if n else mask
+
+
+def _block_share(mask: np.ndarray, factors) -> np.ndarray:
+    """Share of each ray-grid cell covered by ``mask`` (edge-padded blocks)."""
+    pads = [(0, (-n) % f) for n, f in zip(mask.shape, factors)]
+    arr = np.pad(mask.astype(np.float32), pads, mode="edge")
+    img = sitk.BinShrink(sitk.GetImageFromArray(arr), [int(f) for f in reversed(factors)])
+    return sitk.GetArrayFromImage(img)
+
+
+def _ray_codes(lung, other_lung, cage, body, airways, soft_tissue, factors) -> np.ndarray:
+    """What stops a ray in each ray-grid cell.
+
+    Bone wins with any share (a rib is thinner than a cell and must not leak); the rest
+    go by majority. Aerated spaces that are not this lung (bowel, outside air) and cells
+    outside the body stop a ray as open; the other lung and airways as mediastinum.
+    """
+    codes = np.full(_block_share(body, factors).shape, _OPEN, np.uint8)
+    codes[_block_share(soft_tissue, factors) >= 0.5] = _PASS
+    codes[_block_share(lung, factors) >= 0.5] = _OWN
+    codes[_block_share(other_lung | airways, factors) >= 0.5] = _OTHER
+    codes[_block_share(cage, factors) > 0] = _BONE
+    return codes
+
+
+def _near(mask: np.ndarray, radius_mm: float, spacing) -> np.ndarray:
+    """Cells within ``radius_mm`` of ``mask`` (Maurer distance, multithreaded)."""
+    img = sitk.GetImageFromArray(mask.astype(np.uint8))
+    img.SetSpacing([float(s) for s in reversed(spacing)])
+    dist = sitk.SignedMaurerDistanceMap(img, insideIsPositive=False, squaredDistance=False, useImageSpacing=True)
+    return sitk.GetArrayViewFromImage(dist) <= radius_mm
+
+
+def _directions(n: int) -> np.ndarray:
+    """``n`` unit vectors (z, y, x) spread evenly on the sphere (Fibonacci lattice)."""
+    i = np.arange(n) + 0.5
+    polar = np.arccos(1.0 - 2.0 * i / n)
+    azimuth = np.pi * (1.0 + 5.0 ** 0.5) * i
+    return np.stack([np.cos(polar), np.sin(polar) * np.sin(azimuth), np.sin(polar) * np.cos(azimuth)], axis=1)
+
+
+def _first_stop(flat_codes: np.ndarray, strides, points: np.ndarray, direction, radius_mm: float, spacing) -> np.ndarray:
+    """Code of the first non-pass cell along a ray from each point (flat indices into the
+    padded code array; ``_OPEN`` when the ray runs ``radius_mm`` through soft tissue)."""
+    step = min(spacing)
+    travel = np.arange(1, int(np.ceil(radius_mm / step)) + 1) * step
+    offsets = np.round(np.outer(travel, direction) / np.asarray(spacing)).astype(np.int64)
+    moved = np.ones(len(offsets), bool)  # drop repeats of the same cell along the ray
+    moved[1:] = np.any(np.diff(offsets, axis=0) != 0, axis=1)
+    flat_offsets = offsets[moved & np.any(offsets != 0, axis=1)] @ np.asarray(strides)
+    stop = np.full(len(points), _OPEN, np.uint8)
+    pending = np.arange(len(points))
+    for off in flat_offsets:
+        if pending.size == 0:
+            break
+        code = flat_codes[points[pending] + off]
+        hit = code != _PASS
+        stop[pending[hit]] = code[hit]
+        pending = pending[~hit]
+    return stop
+
+
+def _walled_in(codes: np.ndarray, idx, spacing) -> np.ndarray:
+    """The enclosure test of the module docstring for the candidate cells ``idx``.
+
+    Candidates are dropped as soon as too many rays escape (most mediastinal and chest-wall
+    cells fail within a few directions), which keeps the cost proportional to the disease.
+    """
+    margin = int(np.ceil(max(RAY_RADIUS_MM, VERTICAL_RADIUS_MM) / min(spacing))) + 1
+    padded = np.pad(codes, margin, constant_values=_OPEN)  # rays leaving the grid are open
+    strides = np.array([padded.shape[1] * padded.shape[2], padded.shape[2], 1], np.int64)
+    points = (np.stack(idx, axis=1).astype(np.int64) + margin) @ strides
+    flat = padded.ravel()
+    n = ENCLOSURE_DIRECTIONS
+    max_escaped = int(np.floor((1.0 - MIN_ENCLOSED_SHARE) * n))
+    max_other = int(np.floor(MAX_OTHER_SHARE * n))
+    alive = np.arange(len(points))
+    own = np.zeros(len(points), np.int32)
+    escaped = np.zeros(len(points), np.int32)
+    other = np.zeros(len(points), np.int32)
+    for direction in _directions(n)[_spread_order(n)]:
+        stop = _first_stop(flat, strides, points[alive], direction, RAY_RADIUS_MM, spacing)
+        own[alive] += stop == _OWN
+        escaped[alive] += (stop != _OWN) & (stop != _BONE)
+        other[alive] += stop == _OTHER
+        alive = alive[(escaped[alive] <= max_escaped) & (other[alive] <= max_other)]
+    ok = np.zeros(len(points), bool)
+    ok[alive] = own[alive] >= MIN_OWN_LUNG_SHARE * n
+    for vertical in ((1.0, 0.0, 0.0), (-1.0, 0.0, 0.0)):
+        sub = np.flatnonzero(ok)
+        stop = _first_stop(flat, strides, points[sub], np.array(vertical), VERTICAL_RADIUS_MM, spacing)
+        ok[sub] = (stop == _OWN) | (stop == _BONE)
+    return ok
+
+
+def _spread_order(n: int) -> np.ndarray:
+    """An order of the Fibonacci directions that visits far-apart ones first (stride by a
+    number coprime with ``n``), so escaping candidates are dropped early."""
+    stride = next(k for k in range(int(n * 0.38), n) if np.gcd(k, n) == 1)
+    return (np.arange(n) * stride) % n
+
+
+def _upsample(mask: np.ndarray, shape, factors) -> np.ndarray:
+    """Block replication back to ``shape`` (cropped)."""
+    out = mask
+    for axis, f in enumerate(factors):
+        if f > 1:
+            out = np.repeat(out, f, axis=axis)
+    return np.ascontiguousarray(out[: shape[0], : shape[1], : shape[2]])
+
+
+def _open_inplane(mask: np.ndarray, radius_mm: float, spacing_zyx) -> np.ndarray:
+    """In-plane opening, on the mask's bounding box (an opening never grows a mask)."""
+    hit = np.nonzero(mask)
+    if hit[0].size == 0:
+        return mask
+    box = tuple(slice(h.min(), h.max() + 1) for h in hit)
+    radius = [int(round(radius_mm / spacing_zyx[2])), int(round(radius_mm / spacing_zyx[1])), 0]
+    img = sitk.GetImageFromArray(np.pad(mask[box], [(0, 0), (radius[1],) * 2, (radius[0],) * 2]).astype(np.uint8))
+    opened = sitk.GetArrayFromImage(sitk.BinaryMorphologicalOpening(img, radius, sitk.sitkBall)).astype(bool)
+    out = np.zeros_like(mask)
+    out[box] = opened[:, radius[1]: opened.shape[1] - radius[1], radius[0]: opened.shape[2] - radius[0]]
+    return out
+
+
+def _touching(added: np.ndarray, lung: np.ndarray) -> np.ndarray:
+    """Pieces of ``added`` connected (face connectivity) to ``lung``."""
+    if not added.any():
+        return added
+    labels, _ = ndi.label(added | lung)
+    touching = np.unique(labels[lung])
+    return np.isin(labels, touching[touching > 0]) & added
