@@ -22,7 +22,8 @@ when:
   ``VERTICAL_RADIUS_MM`` (not the liver dome, the neck or a vessel running craniocaudally
   such as the descending aorta).
 
-The kept voxels are opened by ``OPENING_MM`` in-plane (the thin layer of chest wall
+Cells at the lung's edge or at the cage are never candidates themselves and follow their
+kept neighbours. The kept voxels are opened by ``OPENING_MM`` in-plane (the thin layer of chest wall
 between pleura and ribs is walled in too, but is never a blob) and only pieces touching
 the lung are added. The rays run on a grid of about ``RAY_GRID_MM`` voxels, which keeps
 the cost near one second; the decision is pasted back onto the caller's grid and
@@ -85,7 +86,10 @@ def enclosed_disease(
     idx = np.nonzero(candidates)
     if idx[0].size:
         keep[idx] = _walled_in(codes, idx, ray_spacing)
-    decided = _upsample(keep, lung.shape, factors) & soft_tissue
+    # Cells at the lung's edge (lung majority) or at the cage were never candidates, but
+    # part of them can be disease next to a kept cell: they follow their kept neighbours.
+    edge = ndi.binary_dilation(keep, np.ones((3, 3, 3), bool)) & ((codes == _OWN) | (codes == _BONE))
+    decided = _upsample(keep | edge, lung.shape, factors) & soft_tissue
     decided = _open_inplane(decided, OPENING_MM, spacing_zyx)
     added = _touching(decided, lung)
     log.debug("enclosure fill: %d voxels added to a lung of %d", int(added.sum()), int(lung.sum()))

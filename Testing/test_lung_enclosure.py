@@ -1,0 +1,102 @@
+"""Ray-enclosure fill: a mass against the mediastinum and spine is lung; mediastinum,
+liver dome and neck are not.
+
+The mass is painted into phantom lungs whose ground truth already counts it as lung (a
+tumour is lung in the reference convention), in the paravertebral gutter where the A0001
+tumour sits: neither the rolling-ball closing nor axial hole filling can reach it there.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+
+from CovidCTDxLib import lung_enclosure
+from CovidCTDxLib.lungs import segment_lungs
+from CovidCTDxLib.phantom import make_phantom
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2.0 * float((a & b).sum()) / max(1, int(a.sum() + b.sum()))
+
+
+def paint_paravertebral_mass(p, radius_mm: float = 25.0, hu: float = 35.0) -> np.ndarray:
+    """Soft-tissue ball in the posterior-medial corner of the left lung, 2/3 up the lung."""
+    lung = p.left_lung
+    zs = np.nonzero(lung.any(axis=(1, 2)))[0]
+    z = int(zs[len(zs) * 2 // 3])
+    ys, xs = np.nonzero(lung[z])
+    sx, sy, sz = p.ct.spacing
+    corner = int(np.argmax(ys * sy - xs * sx))  # LPS: +y posterior, +x patient left
+    inward = np.array([ys.mean() - ys[corner], xs.mean() - xs[corner]])
+    inward /= np.linalg.norm(inward)
+    cy, cx = np.array([ys[corner], xs[corner]]) + inward * (0.6 * radius_mm / sy)
+    zz, yy, xx = np.ogrid[: lung.shape[0], : lung.shape[1], : lung.shape[2]]
+    ball = ((zz - z) * sz) ** 2 + ((yy - cy) * sy) ** 2 + ((xx - cx) * sx) ** 2 <= radius_mm ** 2
+    ball &= lung
+    rng = np.random.default_rng(0)
+    p.ct.array[ball] = (hu + 15.0 * rng.standard_normal(int(ball.sum()))).astype(p.ct.array.dtype)
+    return ball
+
+
+@pytest.mark.parametrize("kind,severity", [("normal", None), ("covid", "mild")])
+def test_paravertebral_mass_is_filled_into_its_lung(kind, severity):
+    p = make_phantom(kind=kind, severity=severity, seed=5)
+    mass = paint_paravertebral_mass(p)
+    m = segment_lungs(p.ct)
+    assert (m.left & mass).sum() >= 0.9 * mass.sum()
+    assert not (m.right & mass).any()
+    assert dice(m.left, p.left_lung) >= 0.98
+    assert dice(m.right, p.right_lung) >= 0.98
+    # What was added is the mass, not mediastinum or chest wall.
+    assert ((m.left | m.right) & ~p.lungs).sum() <= 0.03 * p.lungs.sum()
+
+
+def test_without_the_enclosure_fill_the_mass_is_lost(monkeypatch):
+    """The mass test above depends on this stage (not on the closing or hole filling)."""
+    import CovidCTDxLib.lungs as lungs
+
+    p = make_phantom(kind="normal", seed=5)
+    mass = paint_paravertebral_mass(p)
+    monkeypatch.setattr(lungs, "enclosed_disease", lambda lung, *a, **k: np.zeros_like(lung))
+    m = segment_lungs(p.ct)
+    assert (m.left & mass).sum() < 0.5 * mass.sum()
+
+
+def _thorax(shape=(50, 90, 120), spacing=(4.0, 4.0, 4.0)):
+    """Box geometry: two lungs either side of a mediastinum, a bone ring, a dome below."""
+    z, y, x = np.ogrid[: shape[0], : shape[1], : shape[2]]
+    cy, cx = shape[1] / 2, shape[2] / 2
+    r = np.sqrt(((y - cy) / 40.0) ** 2 + ((x - cx) / 55.0) ** 2)
+    body = np.broadcast_to(r <= 1.0, shape).copy()
+    bone = np.broadcast_to((r > 0.85) & (r <= 0.92), shape).copy()
+    chest = (z >= 10) & (z < 45)
+    side = np.abs(x - cx) >= 10  # 80 mm mediastinum
+    left = chest & (r <= 0.82) & side & (x > cx)
+    right = chest & (r <= 0.82) & side & (x < cx)
+    return body, bone, left, right, spacing
+
+
+def test_mediastinum_and_region_below_the_lungs_are_not_added():
+    body, bone, left, right, spacing = _thorax()
+    soft = body & ~bone & ~left & ~right
+    airways = np.zeros_like(body)
+    added = lung_enclosure.enclosed_disease(left, right, soft, bone, body, airways, spacing)
+    # Both regions touch the lung over their whole face but are walled in by the other
+    # lung (mediastinum) or by nothing below (the dome).
+    assert not added.any()
+
+
+def test_blob_walled_in_by_lung_and_bone_is_added():
+    body, bone, left, right, spacing = _thorax()
+    z, y, x = np.ogrid[: body.shape[0], : body.shape[1], : body.shape[2]]
+    d2 = (z - 27) ** 2 + (y - 62) ** 2 + (x - 90) ** 2
+    blob = (d2 <= 8 ** 2) & left  # 32 mm radius, posterior, cut by the pleura at the ring
+    core = (d2 <= 5 ** 2) & left
+    assert (blob & ~ndi.binary_erosion(left)).any()  # it reaches the pleura: not a hole
+    lung = left & ~blob
+    soft = body & ~bone & ~lung & ~right
+    added = lung_enclosure.enclosed_disease(lung, right, soft, bone, body, np.zeros_like(body), spacing)
+    assert added[core].all()
+    assert (added & blob).sum() >= 0.9 * blob.sum()
+    assert (added & ~blob).sum() <= 0.2 * blob.sum()
