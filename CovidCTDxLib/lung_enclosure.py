@@ -40,8 +40,9 @@ from scipy import ndimage as ndi
 
 log = logging.getLogger(__name__)
 
-#: Ray grid voxel size (mm): the rays' resolution, not the output's.
-RAY_GRID_MM = 4.0
+#: Ray grid voxel size (mm, rounded to whole working-grid voxels: 4-5.6 mm): the rays'
+#: resolution, not the output's.
+RAY_GRID_MM = 5.0
 #: Rays spread on the sphere (Fibonacci lattice) and how far they look (mm). 60 mm reaches
 #: the lung from the middle of a 10-12 cm mass.
 ENCLOSURE_DIRECTIONS = 32
@@ -65,7 +66,6 @@ def enclosed_disease(
     other_lung: np.ndarray,
     soft_tissue: np.ndarray,
     bone: np.ndarray,
-    body: np.ndarray,
     airways: np.ndarray,
     spacing_zyx: Tuple[float, float, float],
 ) -> np.ndarray:
@@ -80,7 +80,7 @@ def enclosed_disease(
     factors = tuple(max(1, int(round(RAY_GRID_MM / s))) for s in spacing_zyx)
     ray_spacing = tuple(s * f for s, f in zip(spacing_zyx, factors))
     cage = _spread_z(bone, CAGE_Z_MM, spacing_zyx[0])
-    codes = _ray_codes(lung, other_lung, cage, body, airways, soft_tissue, factors)
+    codes = _ray_codes(lung, other_lung, cage, airways, soft_tissue, factors)
     candidates = _near(codes == _OWN, RAY_RADIUS_MM, ray_spacing) & (codes == _PASS)
     keep = np.zeros(codes.shape, bool)
     idx = np.nonzero(candidates)
@@ -109,14 +109,15 @@ def _block_share(mask: np.ndarray, factors) -> np.ndarray:
     return sitk.GetArrayFromImage(img)
 
 
-def _ray_codes(lung, other_lung, cage, body, airways, soft_tissue, factors) -> np.ndarray:
+def _ray_codes(lung, other_lung, cage, airways, soft_tissue, factors) -> np.ndarray:
     """What stops a ray in each ray-grid cell.
 
     Bone wins with any share (a rib is thinner than a cell and must not leak); the rest
-    go by majority. Aerated spaces that are not this lung (bowel, outside air) and cells
-    outside the body stop a ray as open; the other lung and airways as mediastinum.
+    go by majority. Cells that are none of these (outside the body, aerated spaces that
+    are not this lung such as bowel) stop a ray as open; the other lung and airways as
+    mediastinum.
     """
-    codes = np.full(_block_share(body, factors).shape, _OPEN, np.uint8)
+    codes = np.full([-(-n // f) for n, f in zip(lung.shape, factors)], _OPEN, np.uint8)
     codes[_block_share(soft_tissue, factors) >= 0.5] = _PASS
     codes[_block_share(lung, factors) >= 0.5] = _OWN
     codes[_block_share(other_lung | airways, factors) >= 0.5] = _OTHER
@@ -211,23 +212,30 @@ def _upsample(mask: np.ndarray, shape, factors) -> np.ndarray:
 
 
 def _open_inplane(mask: np.ndarray, radius_mm: float, spacing_zyx) -> np.ndarray:
-    """In-plane opening, on the mask's bounding box (an opening never grows a mask)."""
+    """In-plane opening by an elliptic disk of ``radius_mm``, on the mask's bounding box
+    (an opening never grows a mask)."""
     hit = np.nonzero(mask)
     if hit[0].size == 0:
         return mask
+    ry, rx = (max(1, round(radius_mm / s)) for s in spacing_zyx[1:])
+    y, x = np.ogrid[-ry: ry + 1, -rx: rx + 1]
+    disk = ((y / (ry + 0.5)) ** 2 + (x / (rx + 0.5)) ** 2 <= 1.0)[None]  # as SimpleITK's ball
     box = tuple(slice(h.min(), h.max() + 1) for h in hit)
-    radius = [int(round(radius_mm / spacing_zyx[2])), int(round(radius_mm / spacing_zyx[1])), 0]
-    img = sitk.GetImageFromArray(np.pad(mask[box], [(0, 0), (radius[1],) * 2, (radius[0],) * 2]).astype(np.uint8))
-    opened = sitk.GetArrayFromImage(sitk.BinaryMorphologicalOpening(img, radius, sitk.sitkBall)).astype(bool)
     out = np.zeros_like(mask)
-    out[box] = opened[:, radius[1]: opened.shape[1] - radius[1], radius[0]: opened.shape[2] - radius[0]]
+    out[box] = ndi.binary_opening(mask[box], structure=disk, border_value=0)
     return out
 
 
 def _touching(added: np.ndarray, lung: np.ndarray) -> np.ndarray:
-    """Pieces of ``added`` connected (face connectivity) to ``lung``."""
-    if not added.any():
+    """Pieces of ``added`` (face connectivity) with a voxel next to ``lung``; labelled on
+    their bounding box only."""
+    hit = np.nonzero(added)
+    if hit[0].size == 0:
         return added
-    labels, _ = ndi.label(added | lung)
-    touching = np.unique(labels[lung])
-    return np.isin(labels, touching[touching > 0]) & added
+    box = tuple(slice(max(0, h.min() - 1), h.max() + 2) for h in hit)
+    labels, _ = ndi.label(added[box])
+    beside_lung = ndi.binary_dilation(lung[box]) & (labels > 0)
+    touching = np.unique(labels[beside_lung])
+    out = np.zeros_like(added)
+    out[box] = np.isin(labels, touching[touching > 0])
+    return out

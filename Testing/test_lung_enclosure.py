@@ -81,7 +81,7 @@ def test_mediastinum_and_region_below_the_lungs_are_not_added():
     body, bone, left, right, spacing = _thorax()
     soft = body & ~bone & ~left & ~right
     airways = np.zeros_like(body)
-    added = lung_enclosure.enclosed_disease(left, right, soft, bone, body, airways, spacing)
+    added = lung_enclosure.enclosed_disease(left, right, soft, bone, airways, spacing)
     # Both regions touch the lung over their whole face but are walled in by the other
     # lung (mediastinum) or by nothing below (the dome).
     assert not added.any()
@@ -96,7 +96,7 @@ def test_blob_walled_in_by_lung_and_bone_is_added():
     assert (blob & ~ndi.binary_erosion(left)).any()  # it reaches the pleura: not a hole
     lung = left & ~blob
     soft = body & ~bone & ~lung & ~right
-    added = lung_enclosure.enclosed_disease(lung, right, soft, bone, body, np.zeros_like(body), spacing)
+    added = lung_enclosure.enclosed_disease(lung, right, soft, bone, np.zeros_like(body), spacing)
     assert added[core].all()
     assert (added & blob).sum() >= 0.9 * blob.sum()
     assert (added & ~blob).sum() <= 0.2 * blob.sum()
