@@ -49,9 +49,13 @@ ENCLOSURE_DIRECTIONS = 32
 RAY_RADIUS_MM = 60.0
 #: The straight up / down rays look further: a mass may span most of a lung's height.
 VERTICAL_RADIUS_MM = 100.0
+#: Shares of the rays (of 32: 26 walled in, 7 on this lung, 3 on the other lung or the
+#: airways at most). Set on the phantoms (mass, lobar consolidation, normal mediastinum,
+#: hilum and diaphragm) and checked on the A0001 reference, where 2 instead of 3 leaves
+#: 5 % more of the tumour out and 4 changes nothing.
 MIN_ENCLOSED_SHARE = 0.8
 MIN_OWN_LUNG_SHARE = 0.2
-MAX_OTHER_SHARE = 0.05
+MAX_OTHER_SHARE = 0.1
 #: Ribs are thin and oblique: bone is spread this far (mm) craniocaudally so rays do not
 #: slip between two ribs of an axial slice.
 CAGE_Z_MM = 10.0
