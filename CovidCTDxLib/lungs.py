@@ -94,6 +94,12 @@ TRACHEA_AIR_HU = -950.0
 #: Rolling-ball radius (mm) for closing each lung against the pleura (fills subpleural
 #: lesions and the reference's per-slice closing).
 CLOSING_RADIUS_MM = 8.0
+#: The enclosure fill looks 60 mm from each voxel; an airless lobe is deeper than that. A
+#: pass that grew the lung by more than this share runs again with the grown lung as the
+#: wall (the mediastinum and the diaphragm are still refused by the same test), at most
+#: this many times; a lung with little dense disease gets one pass.
+ENCLOSURE_REPEAT_GROWTH = 0.02
+ENCLOSURE_MAX_PASSES = 3
 #: Bone (ribs, spine) on the coarse grid; never lung.
 BONE_HU = 250.0
 
@@ -570,11 +576,14 @@ def _fill_disease(labels, coarse, body, airways, grid) -> np.ndarray:
         out[m & (out == 0)] = side
     soft_tissue = body & (coarse >= LUNG_AIR_HU) & (coarse <= BONE_HU) & ~_dilate(airways, 1)
     for side in (1, 2):
-        lung = out == side
-        added = enclosed_disease(
-            lung, out == 3 - side, soft_tissue & (out == 0), coarse > BONE_HU, airways, grid.spacing_zyx
-        )
-        _refill_near(out, side, lung | added, added, forbidden, grid)
+        for _ in range(ENCLOSURE_MAX_PASSES):
+            lung = out == side
+            added = enclosed_disease(
+                lung, out == 3 - side, soft_tissue & (out == 0), coarse > BONE_HU, airways, grid.spacing_zyx
+            )
+            _refill_near(out, side, lung | added, added, forbidden, grid)
+            if (out == side).sum() < (1.0 + ENCLOSURE_REPEAT_GROWTH) * lung.sum():
+                break
     return out
 
 

@@ -100,3 +100,17 @@ def test_blob_walled_in_by_lung_and_bone_is_added():
     assert added[core].all()
     assert (added & blob).sum() >= 0.9 * blob.sum()
     assert (added & ~blob).sum() <= 0.2 * blob.sum()
+
+
+@pytest.mark.slow
+def test_airless_lobes_need_the_repeated_passes(monkeypatch):
+    """Critical CAP: consolidated lobes deeper than one pass reaches (60 mm)."""
+    import CovidCTDxLib.lungs as lungs
+
+    p = make_phantom(kind="cap", severity="critical", seed=3)
+    repeated = segment_lungs(p.ct)
+    monkeypatch.setattr(lungs, "ENCLOSURE_MAX_PASSES", 1)
+    single = segment_lungs(p.ct)
+    assert dice(repeated.right, p.right_lung) >= 0.97
+    assert dice(repeated.left, p.left_lung) >= dice(single.left, p.left_lung) + 0.02
+    assert ((repeated.left | repeated.right) & ~p.lungs).sum() <= 0.03 * p.lungs.sum()
