@@ -101,6 +101,7 @@ def enclosed_disease(
 
 
 def _spread_z(mask: np.ndarray, mm: float, z_spacing: float) -> np.ndarray:
+    """``mask`` spread ``mm`` up and down (running maximum along z)."""
     n = int(round(mm / z_spacing))
     return ndi.maximum_filter1d(mask, 2 * n + 1, axis=0) if n else mask
 
