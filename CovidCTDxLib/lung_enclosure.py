@@ -20,7 +20,9 @@ when:
 - at most ``MAX_OTHER_SHARE`` hit the other lung or the airways (mediastinum);
 - the rays straight up and straight down both end on this lung or bone within
   ``VERTICAL_RADIUS_MM`` (not the liver dome, the neck or a vessel running craniocaudally
-  such as the descending aorta).
+  such as the descending aorta);
+- it lies inside the lung's 3D convex hull (not the chest wall or shoulder girdle beside
+  the apex, which bone and lung wall in as well).
 
 Cells at the lung's edge or at the cage are never candidates themselves and follow their
 kept neighbours. The kept voxels are opened by ``OPENING_MM`` in-plane (the thin layer of chest wall
@@ -37,6 +39,7 @@ from typing import Tuple
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage as ndi
+from scipy.spatial import ConvexHull, QhullError
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +93,7 @@ def enclosed_disease(
     idx = np.nonzero(candidates)
     if idx[0].size:
         keep[idx] = _walled_in(codes, idx, ray_spacing)
+        keep &= _inside_hull(codes == _OWN, keep, ray_spacing)
     # Cells at the lung's edge (lung majority) or at the cage were never candidates, but
     # part of them can be disease next to a kept cell: they follow their kept neighbours.
     edge = ndi.binary_dilation(keep, np.ones((3, 3, 3), bool)) & ((codes == _OWN) | (codes == _BONE))
@@ -98,6 +102,29 @@ def enclosed_disease(
     added = _touching(decided, lung)
     log.debug("enclosure fill: %d voxels added to a lung of %d", int(added.sum()), int(lung.sum()))
     return added
+
+
+def _inside_hull(lung: np.ndarray, cells: np.ndarray, spacing) -> np.ndarray:
+    """Which of ``cells`` have their centre inside the 3D convex hull of ``lung``.
+
+    Why: the chest wall, shoulder girdle and neck next to the apex are walled in by bone
+    and lung too, but they lie outside the lung's convex outer surface, while disease
+    fills a lung's own space, inside it. The mediastinal concavity that the hull spans is
+    left to the enclosure test.
+    """
+    out = np.zeros_like(cells)
+    if not cells.any():
+        return out
+    border = np.argwhere(lung & ~ndi.binary_erosion(lung)) * np.asarray(spacing)
+    try:
+        hull = ConvexHull(border)
+    except QhullError:  # a flat lung (one slice): no volume to fill into
+        log.debug("enclosure fill: lung too flat for a convex hull")
+        return out
+    points = np.argwhere(cells)
+    inside = np.all(points * np.asarray(spacing) @ hull.equations[:, :3].T + hull.equations[:, 3] <= 0.0, axis=1)
+    out[tuple(points[inside].T)] = True
+    return out
 
 
 def _spread_z(mask: np.ndarray, mm: float, z_spacing: float) -> np.ndarray:

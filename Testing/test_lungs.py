@@ -46,7 +46,7 @@ def a0001(a0001_nii, a0001_reference):
 
 
 #: Known limitation (see lungs.py _fill_disease): the ray-enclosure fill puts back most of
-#: the A0001 paramediastinal tumour (80 %) and of consolidated phantom lobes, but not the
+#: the A0001 paramediastinal tumour (77 %) and of consolidated phantom lobes, but not the
 #: rim against the aorta, nor the whole airless left upper lobe of the CAP phantoms, whose
 #: mediastinum has the same HU with no fat plane. strict: these must be un-marked once the fill handles them.
 DENSE_FILL_GAP = pytest.mark.xfail(
