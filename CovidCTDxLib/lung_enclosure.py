@@ -25,9 +25,9 @@ when:
   the apex, which bone and lung wall in as well).
 
 Cells at the lung's edge or at the cage are never candidates themselves and follow their
-kept neighbours. The kept voxels are opened by ``OPENING_MM`` in-plane (the thin layer of chest wall
-between pleura and ribs is walled in too, but is never a blob) and only pieces touching
-the lung are added. The rays run on a grid of about ``RAY_GRID_MM`` voxels, which keeps
+kept neighbours. The kept voxels are opened by ``OPENING_MM`` in-plane (the thin layer of
+chest wall between pleura and ribs is walled in too, but is never a blob) and only pieces
+touching the lung are added. The rays run on a grid of about ``RAY_GRID_MM`` voxels, which keeps
 the cost near one second; the decision is pasted back onto the caller's grid and
 intersected with its own soft-tissue mask.
 """
@@ -40,6 +40,8 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage as ndi
 from scipy.spatial import ConvexHull, QhullError
+
+from .coarse_grid import ball_kernel, bbox, block_mean, paste_nearest
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +61,7 @@ VERTICAL_RADIUS_MM = 100.0
 MIN_ENCLOSED_SHARE = 0.8
 MIN_OWN_LUNG_SHARE = 0.2
 MAX_OTHER_SHARE = 0.1
-#: Ribs are thin and oblique: bone is spread this far (mm) craniocaudally so rays do not
-#: slip between two ribs of an axial slice.
+#: Ribs are thin and oblique: bone is spread this far (mm) craniocaudally (:func:`bony_cage`).
 CAGE_Z_MM = 10.0
 OPENING_MM = 4.0
 
@@ -72,7 +73,7 @@ def enclosed_disease(
     lung: np.ndarray,
     other_lung: np.ndarray,
     soft_tissue: np.ndarray,
-    bone: np.ndarray,
+    cage: np.ndarray,
     airways: np.ndarray,
     spacing_zyx: Tuple[float, float, float],
 ) -> np.ndarray:
@@ -80,24 +81,25 @@ def enclosed_disease(
 
     All masks are bool arrays on one grid (axial order z, y, x; z towards superior does
     not matter, rays go both ways). ``soft_tissue`` is the caller's candidate mask (not
-    aerated, not bone, inside the body, not in either lung, off the airways).
+    aerated, not bone, inside the body, not in either lung, off the airways); ``cage`` is
+    :func:`bony_cage` of the bone mask, computed once for both lungs and every pass.
     """
     if not lung.any() or not soft_tissue.any():
         return np.zeros_like(lung)
     factors = tuple(max(1, int(round(RAY_GRID_MM / s))) for s in spacing_zyx)
     ray_spacing = tuple(s * f for s, f in zip(spacing_zyx, factors))
-    cage = _spread_z(bone, CAGE_Z_MM, spacing_zyx[0])
     codes = _ray_codes(lung, other_lung, cage, airways, soft_tissue, factors)
-    candidates = _near(codes == _OWN, RAY_RADIUS_MM, ray_spacing) & (codes == _PASS)
+    own = codes == _OWN
+    candidates = _near(own, RAY_RADIUS_MM, ray_spacing) & (codes == _PASS)
     keep = np.zeros(codes.shape, bool)
     idx = np.nonzero(candidates)
     if idx[0].size:
         keep[idx] = _walled_in(codes, idx, ray_spacing)
-        keep &= _inside_hull(codes == _OWN, keep, ray_spacing)
+        keep &= _inside_hull(own, keep, ray_spacing)
     # Cells at the lung's edge (lung majority) or at the cage were never candidates, but
     # part of them can be disease next to a kept cell: they follow their kept neighbours.
-    edge = ndi.binary_dilation(keep, np.ones((3, 3, 3), bool)) & ((codes == _OWN) | (codes == _BONE))
-    decided = _upsample(keep | edge, lung.shape, factors) & soft_tissue
+    edge = ndi.binary_dilation(keep, np.ones((3, 3, 3), bool)) & (own | (codes == _BONE))
+    decided = paste_nearest(keep | edge, lung.shape, factors) & soft_tissue
     decided = _open_inplane(decided, OPENING_MM, spacing_zyx)
     added = _touching(decided, lung)
     log.debug("enclosure fill: %d voxels added to a lung of %d", int(added.sum()), int(lung.sum()))
@@ -127,18 +129,16 @@ def _inside_hull(lung: np.ndarray, cells: np.ndarray, spacing) -> np.ndarray:
     return out
 
 
-def _spread_z(mask: np.ndarray, mm: float, z_spacing: float) -> np.ndarray:
-    """``mask`` spread ``mm`` up and down (running maximum along z)."""
-    n = int(round(mm / z_spacing))
-    return ndi.maximum_filter1d(mask, 2 * n + 1, axis=0) if n else mask
+def bony_cage(bone: np.ndarray, z_spacing: float) -> np.ndarray:
+    """``bone`` spread ``CAGE_Z_MM`` up and down (running maximum along z), so rays do
+    not slip between two ribs of an axial slice."""
+    n = int(round(CAGE_Z_MM / z_spacing))
+    return ndi.maximum_filter1d(bone, 2 * n + 1, axis=0) if n else bone
 
 
 def _block_share(mask: np.ndarray, factors) -> np.ndarray:
-    """Share of each ray-grid cell covered by ``mask`` (edge-padded blocks)."""
-    pads = [(0, (-n) % f) for n, f in zip(mask.shape, factors)]
-    arr = np.pad(mask.astype(np.float32), pads, mode="edge")
-    img = sitk.BinShrink(sitk.GetImageFromArray(arr), [int(f) for f in reversed(factors)])
-    return sitk.GetArrayFromImage(img)
+    """Share of each ray-grid cell covered by ``mask``."""
+    return block_mean(mask.astype(np.float32), factors)
 
 
 def _ray_codes(lung, other_lung, cage, airways, soft_tissue, factors) -> np.ndarray:
@@ -234,37 +234,24 @@ def _spread_order(n: int) -> np.ndarray:
     return (np.arange(n) * stride) % n
 
 
-def _upsample(mask: np.ndarray, shape, factors) -> np.ndarray:
-    """Block replication back to ``shape`` (cropped)."""
-    out = mask
-    for axis, f in enumerate(factors):
-        if f > 1:
-            out = np.repeat(out, f, axis=axis)
-    return np.ascontiguousarray(out[: shape[0], : shape[1], : shape[2]])
-
-
 def _open_inplane(mask: np.ndarray, radius_mm: float, spacing_zyx) -> np.ndarray:
     """In-plane opening by an elliptic disk of ``radius_mm``, on the mask's bounding box
     (an opening never grows a mask)."""
-    hit = np.nonzero(mask)
-    if hit[0].size == 0:
+    box = bbox(mask, (0, 0, 0))
+    if box is None:
         return mask
     ry, rx = (max(1, round(radius_mm / s)) for s in spacing_zyx[1:])
-    y, x = np.ogrid[-ry: ry + 1, -rx: rx + 1]
-    disk = ((y / (ry + 0.5)) ** 2 + (x / (rx + 0.5)) ** 2 <= 1.0)[None]  # as SimpleITK's ball
-    box = tuple(slice(h.min(), h.max() + 1) for h in hit)
     out = np.zeros_like(mask)
-    out[box] = ndi.binary_opening(mask[box], structure=disk, border_value=0)
+    out[box] = ndi.binary_opening(mask[box], structure=ball_kernel([rx, ry, 0]), border_value=0)
     return out
 
 
 def _touching(added: np.ndarray, lung: np.ndarray) -> np.ndarray:
     """Pieces of ``added`` (face connectivity) with a voxel next to ``lung``; labelled on
     their bounding box only."""
-    hit = np.nonzero(added)
-    if hit[0].size == 0:
+    box = bbox(added, (1, 1, 1))
+    if box is None:
         return added
-    box = tuple(slice(max(0, h.min() - 1), h.max() + 2) for h in hit)
     labels, _ = ndi.label(added[box])
     beside_lung = ndi.binary_dilation(lung[box]) & (labels > 0)
     touching = np.unique(labels[beside_lung])

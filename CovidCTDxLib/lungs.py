@@ -36,8 +36,9 @@ import SimpleITK as sitk
 from scipy import ndimage as ndi
 from skimage.segmentation import watershed
 
+from .coarse_grid import ball_kernel, bbox, block_mean, paste_nearest
 from .errors import LungsNotFoundError
-from .lung_enclosure import enclosed_disease
+from .lung_enclosure import bony_cage, enclosed_disease
 from .progress import Progress
 from .result import LungMasks
 from .volume import LPS_LEFT, LPS_POSTERIOR, LPS_SUPERIOR, CTVolume
@@ -145,7 +146,7 @@ def segment_lungs(
     hu = frame.to_canonical(ct.array)
     spacing_zyx = tuple(np.asarray(ct.spacing_zyx)[list(frame.perm)])
     grid = _make_grid(spacing_zyx)
-    coarse = _shrink(hu, grid.factors)
+    coarse = block_mean(hu, grid.factors)
     report(0.1, "Lung masking: body")
     body = _body_mask(coarse, grid)
     report(0.25, "Lung masking: air regions")
@@ -167,13 +168,13 @@ def segment_lungs(
         method = "classical"
     report(0.85, "Lung masking: full resolution")
     right, left = _paste_lungs(labels, hu.shape, grid)
-    airways_full = _paste_nearest(airways, hu.shape, grid.factors)
-    box = _bbox(airways_full, (0, 0, 0))
+    airways_full = paste_nearest(airways, hu.shape, grid.factors)
+    box = bbox(airways_full, (0, 0, 0))
     if box is not None:  # only where the airways are: full-size passes are the cost here
         airways_full[box] &= ~(right[box] | left[box])
     # The body holds the lungs: the coarse lungs dilated by one voxel cover their
     # interpolated full-resolution outline.
-    body_full = _paste_nearest(body | _dilate(labels > 0, 1), hu.shape, grid.factors)
+    body_full = paste_nearest(body | _dilate(labels > 0, 1), hu.shape, grid.factors)
     masks = LungMasks(
         right=frame.from_canonical(right),
         left=frame.from_canonical(left),
@@ -229,37 +230,15 @@ def _make_grid(spacing_zyx) -> _Grid:
     return _Grid(f, tuple(s * k for s, k in zip(spacing_zyx, f)))
 
 
-def _shrink(hu: np.ndarray, factors) -> np.ndarray:
-    """Block-average to the coarse grid (also averages away low-dose noise).
-
-    The last partial block along each axis is padded by edge replication so the coarse grid
-    covers the whole volume.
-    """
-    pads = [(0, (-n) % f) for n, f in zip(hu.shape, factors)]
-    arr = np.pad(hu, pads, mode="edge") if any(p[1] for p in pads) else np.ascontiguousarray(hu)
-    img = sitk.GetImageFromArray(arr)  # stays in the input type: no full-size float copy
-    out = sitk.BinShrink(img, [int(factors[2]), int(factors[1]), int(factors[0])])
-    return sitk.GetArrayFromImage(out).astype(np.float32)
-
-
 def _ball(radius_mm: float, spacing_zyx) -> Tuple[int, int, int]:
     """Kernel radius in voxels (x, y, z order for SimpleITK) for a ball of ``radius_mm``."""
     return tuple(int(max(0, round(radius_mm / s))) for s in reversed(spacing_zyx))
 
 
-def _ball_kernel(radius_xyz) -> np.ndarray:
-    """SimpleITK's ball structuring element of radius ``radius_xyz`` (voxels, x y z) as a
-    (z, y, x) bool array, for scipy morphology."""
-    size = [2 * int(v) + 1 for v in radius_xyz]
-    point = sitk.Image(size, sitk.sitkUInt8)
-    point[[int(v) for v in radius_xyz]] = 1
-    return sitk.GetArrayFromImage(sitk.BinaryDilate(point, [int(v) for v in radius_xyz], sitk.sitkBall)).astype(bool)
-
-
 def _dilate(mask: np.ndarray, radius_vox: int) -> np.ndarray:
     """Ball dilation, computed on the mask's bounding box grown by the radius."""
     out = mask.copy()
-    box = _bbox(mask, [radius_vox] * 3)
+    box = bbox(mask, [radius_vox] * 3)
     if box is None:
         return out
     img = sitk.GetImageFromArray(mask[box].astype(np.uint8))
@@ -271,7 +250,7 @@ def _fill_holes_2d(mask: np.ndarray) -> np.ndarray:
     """Fill holes in every axial slice (structure without z connectivity), on the mask's
     bounding box (a hole never lies outside it)."""
     out = mask.copy()
-    box = _bbox(mask, (0, 0, 0))
+    box = bbox(mask, (0, 0, 0))
     if box is None:
         return out
     structure = np.zeros((3, 3, 3), bool)
@@ -294,7 +273,7 @@ def _body_mask(coarse: np.ndarray, grid: _Grid) -> np.ndarray:
     tissue = coarse > BODY_HU
     r = list(_ball(TABLE_OPENING_MM, grid.spacing_zyx))
     r[2] = 0  # open in-plane only: thick slices must not lose the apex or base slice
-    kernel = _ball_kernel(r)
+    kernel = ball_kernel(r)
     # scipy's flat-kernel opening: same result as SimpleITK's, 6x faster at these radii.
     opened = sitk.GetImageFromArray(ndi.binary_opening(tissue, structure=kernel).astype(np.uint8))
     largest = sitk.GetArrayFromImage(sitk.RelabelComponent(sitk.ConnectedComponent(opened)) == 1).astype(bool)
@@ -314,7 +293,7 @@ def _gas_fraction(hu: np.ndarray, component: np.ndarray, grid: _Grid) -> float:
     Computed on the component's bounding box only, so it costs little for the small
     secondary components it is used on.
     """
-    box = _bbox(component, (0, 0, 0))
+    box = bbox(component, (0, 0, 0))
     f = grid.factors
     sub = component[box]
     for axis, k in enumerate(f):
@@ -555,8 +534,10 @@ def _fill_disease(labels, coarse, body, airways, grid) -> np.ndarray:
     (subpleural lesions, vessels); (2) axial hole filling (anything the lung surrounds in
     a slice); (3) the ray-enclosure fill of :func:`enclosed_disease` (masses and
     consolidation against the mediastinum, spine or ribs), after which (1) and (2) run
-    again to close the gaps left between lung and the added blob. Everything stays inside
-    the body, off the airways, the other lung and bone.
+    again near the added blobs to close the gaps between them and the lung; (3) repeats
+    (at most ``ENCLOSURE_MAX_PASSES``) while a pass still grows the lung by more than
+    ``ENCLOSURE_REPEAT_GROWTH``. Everything stays inside the body, off the airways, the
+    other lung and bone.
     Why not a convex hull, a craniocaudal bridge or large closings: tried on the A0001
     reference and the phantoms, they also swallow heart and hilum. Also tried (not kept):
     a closing of lung + nearby bone (fills the intercostal chest wall) and rays from each
@@ -565,7 +546,9 @@ def _fill_disease(labels, coarse, body, airways, grid) -> np.ndarray:
     those wedges because it asks for lung or bone straight above and below.
     """
     out = np.zeros_like(labels)
-    forbidden = ~body | _dilate(airways, 1) | (coarse > BONE_HU)
+    bone = coarse > BONE_HU
+    near_airways = _dilate(airways, 1)
+    forbidden = ~body | near_airways | bone
     for side in (1, 2):
         m = labels == side
         if not m.any():
@@ -574,13 +557,12 @@ def _fill_disease(labels, coarse, body, airways, grid) -> np.ndarray:
         m |= _close_mm(m, CLOSING_RADIUS_MM, grid.spacing_zyx) & allowed
         m = _fill_holes_2d(m)
         out[m & (out == 0)] = side
-    soft_tissue = body & (coarse >= LUNG_AIR_HU) & (coarse <= BONE_HU) & ~_dilate(airways, 1)
+    soft_tissue = body & (coarse >= LUNG_AIR_HU) & ~bone & ~near_airways
+    cage = bony_cage(bone, grid.spacing_zyx[0])
     for side in (1, 2):
         for _ in range(ENCLOSURE_MAX_PASSES):
             lung = out == side
-            added = enclosed_disease(
-                lung, out == 3 - side, soft_tissue & (out == 0), coarse > BONE_HU, airways, grid.spacing_zyx
-            )
+            added = enclosed_disease(lung, out == 3 - side, soft_tissue & (out == 0), cage, airways, grid.spacing_zyx)
             _refill_near(out, side, lung | added, added, forbidden, grid)
             if (out == side).sum() < (1.0 + ENCLOSURE_REPEAT_GROWTH) * lung.sum():
                 break
@@ -595,10 +577,10 @@ def _refill_near(out: np.ndarray, side: int, lung: np.ndarray, added: np.ndarray
     radii wider than the one it writes: the box edges then never look like lung borders.
     """
     reach = [int(np.ceil(2 * CLOSING_RADIUS_MM / s)) + 1 for s in grid.spacing_zyx]
-    write = _bbox(added, reach)
+    write = bbox(added, reach)
     if write is None:
         return
-    read = _bbox(added, [2 * r for r in reach])
+    read = bbox(added, [2 * r for r in reach])
     inner = tuple(slice(w.start - r.start, w.stop - r.start) for w, r in zip(write, read))
     closed = lung[read] | (_close_mm(lung[read], CLOSING_RADIUS_MM, grid.spacing_zyx) & ~forbidden[read])
     m = _fill_holes_2d(closed[inner])
@@ -610,7 +592,7 @@ def _close_mm(mask: np.ndarray, radius_mm: float, spacing_zyx) -> np.ndarray:
     """Binary closing by a ball of ``radius_mm`` via two distance maps (cost independent
     of the radius, unlike a structuring-element closing), computed only on the mask's
     bounding box grown by the radius (a closing never reaches further)."""
-    box = _bbox(mask, [int(np.ceil(radius_mm / s)) + 1 for s in spacing_zyx])
+    box = bbox(mask, [int(np.ceil(radius_mm / s)) + 1 for s in spacing_zyx])
     out = mask.copy()
     if box is None:
         return out
@@ -623,17 +605,6 @@ def _close_mm(mask: np.ndarray, radius_mm: float, spacing_zyx) -> np.ndarray:
     return out
 
 
-def _bbox(mask: np.ndarray, margin) -> Optional[Tuple[slice, slice, slice]]:
-    """Bounding box of ``mask`` grown by ``margin`` voxels per axis (clipped), or None."""
-    if not mask.any():
-        return None
-    out = []
-    for axis, (n, m) in enumerate(zip(mask.shape, margin)):
-        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
-        out.append(slice(max(0, hit[0] - m), min(n, hit[-1] + m + 1)))
-    return tuple(out)
-
-
 # --------------------------------------------------------------------------- model hook
 def _model_lungs(model, ct: CTVolume, frame: _Frame, grid: _Grid) -> np.ndarray:
     """Run a neural lung model and bring its lung union to the coarse canonical grid."""
@@ -641,7 +612,7 @@ def _model_lungs(model, ct: CTVolume, frame: _Frame, grid: _Grid) -> np.ndarray:
     if pred.shape != ct.shape:
         raise ValueError(f"lung model returned shape {pred.shape}, expected the CT's {ct.shape}")
     union = frame.to_canonical(pred > 0).astype(np.float32)
-    return _shrink(union, grid.factors) >= 0.5
+    return block_mean(union, grid.factors) >= 0.5
 
 
 # --------------------------------------------------------------------------- paste back
@@ -675,19 +646,3 @@ def _paste_lungs(labels: np.ndarray, shape, grid: _Grid) -> Tuple[np.ndarray, np
             full[flo[0]:fhi[0], flo[1]:fhi[1], flo[2]:fhi[2]] = sitk.GetArrayViewFromImage(inside).view(bool)
         out.append(full)
     return out[0], out[1]
-
-
-def _paste_nearest(mask: np.ndarray, shape, factors) -> np.ndarray:
-    """Nearest-neighbour upsampling by block replication, cropped to the full shape.
-
-    One broadcast write into the block view of a (padded) output, only over the mask's
-    bounding box: no intermediate full-size copies.
-    """
-    f = tuple(int(v) for v in factors)
-    n = mask.shape
-    padded = np.zeros(tuple(a * b for a, b in zip(n, f)), bool)
-    box = _bbox(mask, (0, 0, 0))
-    if box is not None:
-        blocks = padded.reshape(n[0], f[0], n[1], f[1], n[2], f[2])  # a view
-        blocks[box[0], :, box[1], :, box[2], :] = mask[box][:, None, :, None, :, None]
-    return padded[: shape[0], : shape[1], : shape[2]]
