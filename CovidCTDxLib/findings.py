@@ -38,10 +38,10 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 from scipy import ndimage as ndi
 
+from .coarse_grid import bbox
 from .errors import InputError, LungsNotFoundError
 from .result import LesionMasks, LungMasks, LungZones
 from .volume import CTVolume
-from .zones import mask_bbox
 
 #: Components smaller than this (mL) are not counted as lesions (~ a 4.6 mm sphere).
 MIN_COUNTED_LESION_ML = 0.05
@@ -349,7 +349,7 @@ def severity_points(percent_involved: float) -> int:
 
 def _union_bbox(*masks: np.ndarray) -> Optional[Tuple[slice, slice, slice]]:
     """Bounding box (slices) of the union of masks, without forming their union."""
-    boxes = [b for b in (mask_bbox(m) for m in masks) if b is not None]
+    boxes = [b for b in (bbox(m) for m in masks) if b is not None]
     if not boxes:
         return None
     return tuple(slice(min(b[a].start for b in boxes), max(b[a].stop for b in boxes)) for a in range(3))  # type: ignore[return-value]

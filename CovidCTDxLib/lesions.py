@@ -62,10 +62,10 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage as ndi
 
+from .coarse_grid import bbox
 from .progress import Progress
 from .result import LesionMasks, LungMasks
 from .volume import LPS_POSTERIOR, CTVolume
-from .zones import mask_bbox
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ def detect_lesions(ct: CTVolume, lungs: LungMasks, progress: Optional[Progress] 
     spacing_full = ct.spacing_zyx
     factors = tuple(max(1, int(round(WORK_GRID_MM / s))) for s in spacing_full)
     spacing = tuple(s * f for s, f in zip(spacing_full, factors))
-    box = mask_bbox(lung_full, pad=2 * max(factors))
+    box = bbox(lung_full, 2 * max(factors))
     if box is None:
         return LesionMasks(lesion=lesion, ggo=lesion.copy(), consolidation=lesion.copy())
     box = _aligned_box(box, factors, ct.shape)

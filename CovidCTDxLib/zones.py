@@ -28,11 +28,12 @@ under a second on a 512x512x300 scan.
 from __future__ import annotations
 
 import logging
-from typing import Optional, Tuple
+from typing import Tuple
 
 import numpy as np
 from scipy import ndimage as ndi
 
+from .coarse_grid import bbox
 from .errors import LungsNotFoundError
 from .result import LungZones
 from .volume import LPS_SUPERIOR, CTVolume
@@ -69,7 +70,7 @@ def compute_zones(
         raise ValueError(f"lung masks {right.shape}/{left.shape} do not match the CT {ct.shape}")
     if peripheral_thickness_mm < 0:
         raise ValueError("peripheral_thickness_mm must be >= 0")
-    boxes = [mask_bbox(right, pad=1), mask_bbox(left, pad=1)]
+    boxes = [bbox(right, 1), bbox(left, 1)]
     if boxes[0] is None and boxes[1] is None:
         raise LungsNotFoundError("The lung masks are empty, so no lung zones can be defined.")
     labels = np.zeros(ct.shape, np.uint8)
@@ -81,24 +82,6 @@ def compute_zones(
         labels[box] |= _thirds(ct, sub, box, first_label)
         peripheral[box] |= _shell(sub, ct.spacing, peripheral_thickness_mm)
     return LungZones(labels=labels, peripheral=peripheral, peripheral_thickness_mm=float(peripheral_thickness_mm))
-
-
-def mask_bbox(mask: np.ndarray, pad: int = 0) -> Optional[Tuple[slice, slice, slice]]:
-    """Bounding box of a 3D bool mask as slices, padded by ``pad`` voxels (clipped to the
-    array); None when the mask is empty.
-
-    Two passes over the mask as bytes (per-slice max, then an OR over the occupied slices)
-    instead of three ``any`` projections: ~5x faster on a 512x512x300 mask.
-    """
-    m = np.ascontiguousarray(mask).view(np.uint8)
-    ks = np.flatnonzero(m.reshape(m.shape[0], -1).max(axis=1))
-    if ks.size == 0:
-        return None
-    yx = np.bitwise_or.reduce(m[ks[0]: ks[-1] + 1], axis=0)
-    ys, xs = np.flatnonzero(yx.max(axis=1)), np.flatnonzero(yx.max(axis=0))
-    return tuple(
-        slice(max(0, int(i[0]) - pad), min(n, int(i[-1]) + 1 + pad)) for i, n in zip((ks, ys, xs), m.shape)
-    )  # type: ignore[return-value]
 
 
 def _superior_mm(ct: CTVolume, box: Tuple[slice, slice, slice]):
