@@ -144,8 +144,10 @@ def detect_lesions(ct: CTVolume, lungs: LungMasks, progress: Optional[Progress] 
     lung = _shrink(lung_full[box].view(np.uint8) * np.uint8(100), factors) >= 50
     report(0.2, "Lesions: partial volume and organs")
     dense = hu >= CONSOLIDATION_HU
-    # Any full-resolution voxel at vessel density marks its block: small vessels are
-    # averaged below -300 HU by the block mean but still cast a partial-volume halo.
+    # A block where at least half the full-resolution voxels are at vessel density is
+    # marked (BinShrink rounds the 0/1 mean): small vessels are averaged below -300 HU by
+    # the block mean but still cast a partial-volume halo. Marking a block for *any* such
+    # voxel was measured worse: slice AUC on the COVID scan 0.929 -> 0.879.
     bright = _shrink((ct.array[box] >= CONSOLIDATION_HU).view(np.uint8), factors) > 0
     lung &= ~_organ_intrusions(dense, lung)
     rim = _surface_rim(lung)
