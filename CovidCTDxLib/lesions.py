@@ -62,7 +62,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage as ndi
 
-from .coarse_grid import bbox
+from .coarse_grid import ball_kernel, bbox
 from .progress import Progress
 from .result import LesionMasks, LungMasks
 from .volume import LPS_POSTERIOR, CTVolume
@@ -451,9 +451,15 @@ def _upsample_nearest(a: np.ndarray, factors, shape) -> np.ndarray:
     return up[: shape[0], : shape[1], : shape[2]]
 
 
+def _ball(spacing_zyx, radius_mm: float) -> np.ndarray:
+    """SimpleITK's ball of ``radius_mm`` (anisotropy-aware voxel radii) for scipy: at these
+    1-3 voxel radii scipy's binary morphology is several times faster than SimpleITK's,
+    with the same kernel and so the same result."""
+    return ball_kernel(_radius_vox(radius_mm, spacing_zyx))
+
+
 def _dilate(mask: np.ndarray, spacing_zyx, radius_mm: float) -> np.ndarray:
-    img = sitk.GetImageFromArray(mask.view(np.uint8) if mask.dtype == bool else mask.astype(np.uint8))
-    return sitk.GetArrayFromImage(sitk.BinaryDilate(img, _radius_vox(radius_mm, spacing_zyx), sitk.sitkBall)).astype(bool)
+    return ndi.binary_dilation(mask, structure=_ball(spacing_zyx, radius_mm))
 
 
 def _opening(mask: np.ndarray, spacing_zyx, radius_mm: float) -> np.ndarray:
@@ -461,23 +467,26 @@ def _opening(mask: np.ndarray, spacing_zyx, radius_mm: float) -> np.ndarray:
 
     The lung outside counts as background, on purpose: a thin dense sheet along the pleura
     must go, while a real subpleural lesion thicker than the ball survives the erosion from
-    the pleural side and is restored by the dilation.
+    the pleural side and is restored by the dilation. Beyond the array edge counts as
+    foreground for the erosion (SimpleITK's convention, which this replaced).
     """
     if not mask.any():
         return mask.copy()
-    radius = _radius_vox(radius_mm, spacing_zyx)
-    img = sitk.GetImageFromArray(mask.astype(np.uint8))
-    eroded = sitk.BinaryErode(img, radius, sitk.sitkBall)
-    opened = sitk.GetArrayFromImage(sitk.BinaryDilate(eroded, radius, sitk.sitkBall))
-    return opened.astype(bool) & mask
+    ball = _ball(spacing_zyx, radius_mm)
+    eroded = ndi.binary_erosion(mask, structure=ball, border_value=1)
+    return ndi.binary_dilation(eroded, structure=ball) & mask
 
 
 def _closing_within(mask: np.ndarray, lung: np.ndarray, spacing_zyx, radius_mm: float) -> np.ndarray:
+    """Closing by a ball, on an array padded by the radius so that the edge neither adds
+    nor removes anything, kept inside the lung."""
     if not mask.any():
         return mask
-    radius = _radius_vox(radius_mm, spacing_zyx)
-    img = sitk.GetImageFromArray(mask.astype(np.uint8))
-    closed = sitk.GetArrayFromImage(sitk.BinaryMorphologicalClosing(img, radius, sitk.sitkBall)).astype(bool)
+    ball = _ball(spacing_zyx, radius_mm)
+    pad = [(r, r) for r in (np.array(ball.shape) - 1) // 2]
+    padded = np.pad(mask, pad)
+    closed = ndi.binary_erosion(ndi.binary_dilation(padded, structure=ball), structure=ball)
+    closed = closed[tuple(slice(a, a + n) for (a, _), n in zip(pad, mask.shape))]
     return (closed & lung) | mask
 
 
