@@ -27,7 +27,11 @@ when:
 Cells at the lung's edge or at the cage are never candidates themselves and follow their
 kept neighbours. The kept voxels are opened by ``OPENING_MM`` in-plane (the thin layer of
 chest wall between pleura and ribs is walled in too, but is never a blob) and only pieces
-touching the lung are added. The rays run on a grid of about ``RAY_GRID_MM`` voxels, which keeps
+touching the lung are added. The opening also nibbles the rim of a mass where the rim's
+walled-in cells form a thin band (against the aorta or the spine, where fewer rays end on
+lung or bone): around every added piece of mass size (``MASS_MIN_ML``), the walled-in cells
+the opening removed are given back within ``MASS_RIM_MM``. Thin chest-wall layers and
+hilar bits have no mass beside them and stay out. The rays run on a grid of about ``RAY_GRID_MM`` voxels, which keeps
 the cost near one second; the decision is pasted back onto the caller's grid and
 intersected with its own soft-tissue mask.
 """
@@ -64,6 +68,15 @@ MAX_OTHER_SHARE = 0.1
 #: Ribs are thin and oblique: bone is spread this far (mm) craniocaudally (:func:`bony_cage`).
 CAGE_Z_MM = 10.0
 OPENING_MM = 4.0
+#: An added piece of at least this volume is a mass: a 3 cm sphere, the radiological line
+#: between nodule and mass (Fleischner glossary). The result does not depend on it between
+#: 5 and 14 mL on A0001 and the phantoms, whose other added pieces stay below 9 mL.
+MASS_MIN_ML = 14.0
+#: How far (geodesic, mm) a mass takes back the walled-in cells the opening removed. On
+#: A0001 the tumour inside the left lung goes 77 % -> 88.6 / 90.3 / 90.7 % at 15 / 20 /
+#: 25 mm, left-lung Dice 0.9777 -> 0.9795 / 0.9797 / 0.9794: 20 mm is the Dice optimum;
+#: the P001 additions and the COVID phantoms do not change.
+MASS_RIM_MM = 20.0
 
 # Ray-stop codes on the ray grid.
 _PASS, _OWN, _BONE, _OPEN, _OTHER = 0, 1, 2, 3, 4
@@ -100,8 +113,8 @@ def enclosed_disease(
     # part of them can be disease next to a kept cell: they follow their kept neighbours.
     edge = ndi.binary_dilation(keep, np.ones((3, 3, 3), bool)) & (own | (codes == _BONE))
     decided = paste_nearest(keep | edge, lung.shape, factors) & soft_tissue
-    decided = _open_inplane(decided, OPENING_MM, spacing_zyx)
-    added = _touching(decided, lung)
+    added = _touching(_open_inplane(decided, OPENING_MM, spacing_zyx), lung)
+    added = _with_mass_rims(added, decided, spacing_zyx)
     log.debug("enclosure fill: %d voxels added to a lung of %d", int(added.sum()), int(lung.sum()))
     return added
 
@@ -243,6 +256,24 @@ def _open_inplane(mask: np.ndarray, radius_mm: float, spacing_zyx) -> np.ndarray
     ry, rx = (max(1, round(radius_mm / s)) for s in spacing_zyx[1:])
     out = np.zeros_like(mask)
     out[box] = ndi.binary_opening(mask[box], structure=ball_kernel([rx, ry, 0]), border_value=0)
+    return out
+
+
+def _with_mass_rims(added: np.ndarray, decided: np.ndarray, spacing_zyx) -> np.ndarray:
+    """``added`` plus the ``decided`` cells within ``MASS_RIM_MM`` (geodesic, through
+    ``decided``) of its mass-size pieces; labelled on ``decided``'s bounding box only."""
+    box = bbox(decided, (0, 0, 0))
+    if box is None or not added[box].any():
+        return added
+    labels, _ = ndi.label(added[box])
+    volumes_ml = np.bincount(labels.ravel()) * float(np.prod(spacing_zyx)) / 1000.0
+    masses = np.flatnonzero(volumes_ml[1:] >= MASS_MIN_ML) + 1
+    if masses.size == 0:
+        return added
+    steps = max(1, int(round(MASS_RIM_MM / float(np.mean(spacing_zyx[1:])))))
+    rims = ndi.binary_dilation(np.isin(labels, masses), iterations=steps, mask=decided[box])
+    out = added.copy()
+    out[box] |= rims
     return out
 
 

@@ -106,6 +106,31 @@ def test_blob_walled_in_by_lung_and_bone_is_added():
     assert (added & ~blob).sum() <= 0.2 * blob.sum()
 
 
+def test_a_mass_takes_back_its_rim_but_a_thin_layer_alone_stays_out():
+    """The in-plane opening removes thin bands of walled-in cells. Beside a mass (>= 14 mL)
+    they are its rim and come back within 20 mm; the same band beside a small piece, or on
+    its own, is a chest-wall layer and stays out."""
+    spacing = (2.5, 2.5, 2.5)
+    shape = (40, 60, 120)
+    zz, yy, xx = np.mgrid[: shape[0], : shape[1], : shape[2]]
+    mass = ((zz - 20) ** 2 + (yy - 30) ** 2 + (xx - 25) ** 2) * 2.5 ** 2 <= 20.0 ** 2  # 33 mL
+    nodule = ((zz - 20) ** 2 + (yy - 30) ** 2 + (xx - 85) ** 2) * 2.5 ** 2 <= 7.5 ** 2  # 1.8 mL
+    band = (np.abs(yy - 30) <= 1) & (np.abs(zz - 20) <= 1)  # 7.5 mm thin, along x
+    mass_rim = band & (xx >= 33) & (xx < 45) & ~mass  # leaves the mass, 30 mm long
+    nodule_rim = band & (xx >= 88) & (xx < 100) & ~nodule
+    lonely = band & (xx >= 60) & (xx < 70) & ~mass_rim
+    decided = mass | nodule | mass_rim | nodule_rim | lonely
+    added = mass | nodule  # what the opening left
+    assert mass.sum() * 2.5 ** 3 / 1000 >= lung_enclosure.MASS_MIN_ML
+    out = lung_enclosure._with_mass_rims(added, decided, spacing)
+    axis = mass_rim & (yy == 30) & (zz == 20)  # the band's centre line leaves the mass at x = 33
+    assert out[axis & (xx <= 33 + 20.0 / 2.5)].all()  # 20 mm from the mass
+    assert not out[mass_rim & (xx > 33 + 20.0 / 2.5 + 1)].any()
+    assert not out[nodule_rim].any()
+    assert not out[lonely].any()
+    assert (out & ~decided).sum() == 0
+
+
 @pytest.mark.slow
 def test_airless_lobes_need_the_repeated_passes(monkeypatch):
     """Critical CAP: consolidated lobes deeper than one pass reaches (60 mm)."""
@@ -123,16 +148,18 @@ def test_airless_lobes_need_the_repeated_passes(monkeypatch):
 @pytest.mark.slow
 def test_airless_lobe_keeps_growing_while_passes_add_to_it(monkeypatch):
     """Severe CAP: the airless left upper lobe grows by 0.5-2 % per pass, so stopping
-    at 2 % growth left most of it out (Dice 0.880); the 0.5 % rule reaches 0.921. The rest,
-    against a mediastinum of the same HU, is the strict xfail in test_lungs."""
+    after 3 passes or below 2 % growth left part of it out (left Dice 0.920); up to 8
+    passes while a pass adds 0.5 % reach 0.936. The rest, against a mediastinum of the
+    same HU, is the strict xfail in test_lungs."""
     import CovidCTDxLib.lungs as lungs
 
     p = make_phantom(kind="cap", severity="severe", seed=2)
     patient = segment_lungs(p.ct)
     monkeypatch.setattr(lungs, "ENCLOSURE_REPEAT_GROWTH", 0.02)
+    monkeypatch.setattr(lungs, "ENCLOSURE_MAX_PASSES", 3)
     hasty = segment_lungs(p.ct)
-    assert dice(patient.left, p.left_lung) >= 0.91
-    assert dice(patient.left, p.left_lung) >= dice(hasty.left, p.left_lung) + 0.03
+    assert dice(patient.left, p.left_lung) >= 0.93
+    assert dice(patient.left, p.left_lung) >= dice(hasty.left, p.left_lung) + 0.01
     assert (patient.left & ~p.left_lung).sum() <= 0.02 * p.left_lung.sum()
 
 
