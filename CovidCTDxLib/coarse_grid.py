@@ -7,7 +7,7 @@ the same way.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -60,6 +60,12 @@ def bbox(mask: np.ndarray, margin: Union[int, Sequence[int]] = 0) -> Optional[Tu
     return tuple(
         slice(max(0, int(i[0]) - g), min(n, int(i[-1]) + 1 + g)) for i, n, g in zip((ks, ys, xs), m.shape, margins)
     )
+
+
+def ball_radius_vox(radius_mm: float, spacing_zyx: Sequence[float]) -> List[int]:
+    """Voxel radii (x, y, z order, as SimpleITK and :func:`ball_kernel` take them) of a ball
+    of ``radius_mm`` on an anisotropic grid."""
+    return [int(max(0, round(radius_mm / s))) for s in reversed(spacing_zyx)]
 
 
 def ball_kernel(radius_xyz: Sequence[int]) -> np.ndarray:

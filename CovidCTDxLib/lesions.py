@@ -62,7 +62,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage as ndi
 
-from .coarse_grid import ball_kernel, bbox
+from .coarse_grid import ball_kernel, ball_radius_vox, bbox
 from .progress import Progress
 from .result import LesionMasks, LungMasks
 from .volume import LPS_POSTERIOR, CTVolume
@@ -425,11 +425,6 @@ def _aligned_box(box, factors, shape) -> Tuple[slice, slice, slice]:
     return tuple(out)  # type: ignore[return-value]
 
 
-def _radius_vox(radius_mm: float, spacing_zyx) -> list:
-    """SimpleITK kernel radius (x, y, z) in voxels for a ball of ``radius_mm``."""
-    return [int(max(0, round(radius_mm / s))) for s in reversed(spacing_zyx)]
-
-
 def _shrink(array: np.ndarray, factors) -> np.ndarray:
     """Block mean onto the working grid (a trailing partial block is dropped)."""
     if all(f == 1 for f in factors):
@@ -455,7 +450,7 @@ def _ball(spacing_zyx, radius_mm: float) -> np.ndarray:
     """SimpleITK's ball of ``radius_mm`` (anisotropy-aware voxel radii) for scipy: at these
     1-3 voxel radii scipy's binary morphology is several times faster than SimpleITK's,
     with the same kernel and so the same result."""
-    return ball_kernel(_radius_vox(radius_mm, spacing_zyx))
+    return ball_kernel(ball_radius_vox(radius_mm, spacing_zyx))
 
 
 def _dilate(mask: np.ndarray, spacing_zyx, radius_mm: float) -> np.ndarray:

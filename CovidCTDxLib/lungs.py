@@ -36,7 +36,14 @@ import SimpleITK as sitk
 from scipy import ndimage as ndi
 from skimage.segmentation import watershed
 
-from .coarse_grid import ball_kernel, bbox, block_mean, paste_linear, paste_nearest
+from .coarse_grid import (
+    ball_kernel,
+    ball_radius_vox,
+    bbox,
+    block_mean,
+    paste_linear,
+    paste_nearest,
+)
 from .errors import LungsNotFoundError
 from .lung_enclosure import bony_cage, enclosed_disease
 from .progress import Progress
@@ -234,11 +241,6 @@ def _make_grid(spacing_zyx) -> _Grid:
     return _Grid(f, tuple(s * k for s, k in zip(spacing_zyx, f)))
 
 
-def _ball(radius_mm: float, spacing_zyx) -> Tuple[int, int, int]:
-    """Kernel radius in voxels (x, y, z order for SimpleITK) for a ball of ``radius_mm``."""
-    return tuple(int(max(0, round(radius_mm / s))) for s in reversed(spacing_zyx))
-
-
 def _dilate(mask: np.ndarray, radius_vox: int) -> np.ndarray:
     """Ball dilation, computed on the mask's bounding box grown by the radius."""
     out = mask.copy()
@@ -276,7 +278,7 @@ def _components(mask: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
 def _body_mask(coarse: np.ndarray, grid: _Grid) -> np.ndarray:
     """The patient's body, without the table, with internal air (lungs) included."""
     tissue = coarse > BODY_HU
-    r = list(_ball(TABLE_OPENING_MM, grid.spacing_zyx))
+    r = ball_radius_vox(TABLE_OPENING_MM, grid.spacing_zyx)
     r[2] = 0  # open in-plane only: thick slices must not lose the apex or base slice
     kernel = ball_kernel(r)
     # scipy's flat-kernel opening: same result as SimpleITK's, 6x faster at these radii.

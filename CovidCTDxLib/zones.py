@@ -146,7 +146,7 @@ def _shell(sub: np.ndarray, spacing_xyz, thickness_mm: float) -> np.ndarray:
         return out
     sy, sx = float(spacing_xyz[1]), float(spacing_xyz[0])
     fy, fx = max(1, int(SHELL_GRID_MM // sy)), max(1, int(SHELL_GRID_MM // sx))
-    nz, ny, nx = sub.shape
+    _, ny, nx = sub.shape
     py, px = (-ny) % fy, (-nx) % fx
     padded = np.pad(~sub, ((0, 0), (0, py), (0, px)), constant_values=True) if py or px else ~sub
     background = padded[:, ::fy, ::fx].copy()
