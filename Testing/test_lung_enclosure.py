@@ -106,6 +106,31 @@ def test_blob_walled_in_by_lung_and_bone_is_added():
     assert (added & ~blob).sum() <= 0.2 * blob.sum()
 
 
+def test_disease_on_the_heart_needs_only_one_vertical_wall(monkeypatch):
+    """Consolidation lying on the heart looks down through the heart into the abdomen: one
+    vertical ray on its own lung (up) is enough. A craniocaudal vessel, open at both ends,
+    stays out; so does the heart below."""
+    body, bone, left, right, spacing = _thorax()
+    z, y, x = np.ogrid[: body.shape[0], : body.shape[1], : body.shape[2]]
+    cy, cx = body.shape[1] / 2, body.shape[2] / 2
+    heart = (z < 24) & (np.abs(y - cy + 8) <= 14) & (x >= cx - 10) & (x < cx + 40) & body
+    on_heart = (z >= 24) & (z < 32) & (np.abs(y - cy + 8) <= 8) & (x >= cx + 24) & (x < cx + 36) & left
+    vessel = (np.hypot(y - cy, x - cx - 30) <= 2.5) & (z >= 0)  # 10 mm, the whole height
+
+    def fill(lung, other):
+        soft = body & ~bone & ~lung & ~other
+        return lung_enclosure.enclosed_disease(
+            lung, other, soft, lung_enclosure.bony_cage(bone, spacing[0]), np.zeros_like(body), spacing
+        )
+
+    added = fill(left & ~heart & ~on_heart, right & ~heart)
+    assert (added & on_heart).sum() >= 0.3 * on_heart.sum()
+    assert (added & heart).sum() <= 0.005 * heart.sum()
+    assert not fill(left & ~vessel, right)[vessel].any()
+    monkeypatch.setattr(lung_enclosure, "VERTICAL_MIN", 2)
+    assert not fill(left & ~heart & ~on_heart, right & ~heart)[on_heart].any()
+
+
 def test_a_mass_takes_back_its_rim_but_a_thin_layer_alone_stays_out():
     """The in-plane opening removes thin bands of walled-in cells. Beside a mass (>= 14 mL)
     they are its rim and come back within 20 mm; the same band beside a small piece, or on
@@ -148,9 +173,9 @@ def test_airless_lobes_need_the_repeated_passes(monkeypatch):
 @pytest.mark.slow
 def test_airless_lobe_keeps_growing_while_passes_add_to_it(monkeypatch):
     """Severe CAP: the airless left upper lobe grows by 0.5-2 % per pass, so stopping
-    after 3 passes or below 2 % growth left part of it out (left Dice 0.920); up to 8
-    passes while a pass adds 0.5 % reach 0.936. The rest, against a mediastinum of the
-    same HU, is the strict xfail in test_lungs."""
+    after 3 passes or below 2 % growth left part of it out (left Dice 0.937); up to 8
+    passes while a pass adds 0.5 % reach 0.947. The rest, against the mediastinum, is the
+    strict xfail in test_lungs."""
     import CovidCTDxLib.lungs as lungs
 
     p = make_phantom(kind="cap", severity="severe", seed=2)
@@ -158,8 +183,8 @@ def test_airless_lobe_keeps_growing_while_passes_add_to_it(monkeypatch):
     monkeypatch.setattr(lungs, "ENCLOSURE_REPEAT_GROWTH", 0.02)
     monkeypatch.setattr(lungs, "ENCLOSURE_MAX_PASSES", 3)
     hasty = segment_lungs(p.ct)
-    assert dice(patient.left, p.left_lung) >= 0.93
-    assert dice(patient.left, p.left_lung) >= dice(hasty.left, p.left_lung) + 0.01
+    assert dice(patient.left, p.left_lung) >= 0.94
+    assert dice(patient.left, p.left_lung) >= dice(hasty.left, p.left_lung) + 0.005
     assert (patient.left & ~p.left_lung).sum() <= 0.02 * p.left_lung.sum()
 
 

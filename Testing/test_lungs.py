@@ -48,10 +48,10 @@ def a0001(a0001_nii, a0001_reference):
 
 #: Known limitation (see lungs.py _fill_disease): the ray-enclosure fill puts back most of
 #: the consolidated phantom lobes, but not the whole airless left upper lobe of the CAP
-#: phantoms, whose mediastinum has the same HU with no fat plane (left Dice 0.936 severe,
-#: 0.962 critical). strict: these must be un-marked once the fill handles them.
+#: phantoms, whose medial face borders the mediastinum as the heart does (left Dice 0.947
+#: severe, 0.961 critical). strict: these must be un-marked once the fill handles them.
 DENSE_FILL_GAP = pytest.mark.xfail(
-    strict=True, reason="airless lobe against a mediastinum of the same HU not filled yet (known gap)"
+    strict=True, reason="anteromedial airless lobe against the mediastinum not filled yet (known gap)"
 )
 
 
