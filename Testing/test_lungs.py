@@ -46,15 +46,6 @@ def a0001(a0001_nii, a0001_reference):
     return ct, ref, segment_lungs(ct)
 
 
-#: Known limitation (see lungs.py _fill_disease): the ray-enclosure fill puts back most of
-#: the consolidated phantom lobes, but not the whole airless left upper lobe of the CAP
-#: phantoms, whose medial face borders the mediastinum as the heart does (left Dice 0.947
-#: severe, 0.961 critical). strict: these must be un-marked once the fill handles them.
-DENSE_FILL_GAP = pytest.mark.xfail(
-    strict=True, reason="anteromedial airless lobe against the mediastinum not filled yet (known gap)"
-)
-
-
 @pytest.mark.realdata
 def test_a0001_matches_reference_right_lung(a0001):
     ct, ref, m = a0001
@@ -122,7 +113,7 @@ def test_real_covid_dicom_lungs_plausible(covid_dicom_dir):
     [
         dict(kind="normal"),
         dict(kind="covid", severity="severe", seed=1),
-        pytest.param(dict(kind="cap", severity="severe", seed=2), marks=DENSE_FILL_GAP),
+        dict(kind="cap", severity="severe", seed=2),
     ],
     ids=["normal", "covid-severe", "cap-severe"],
 )
@@ -135,7 +126,7 @@ def test_phantom_dice(kw):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["covid", pytest.param("cap", marks=DENSE_FILL_GAP)])
+@pytest.mark.parametrize("kind", ["covid", "cap"])
 def test_phantom_critical_dense_disease_is_filled(kind):
     """Critical disease: whole consolidated lobes, the hardest case for a classical engine."""
     p = phantom(kind=kind, severity="critical", seed=3)
