@@ -165,6 +165,7 @@ class CovidCTDxParameterNode:
     runRACNet: bool = True
     runFindings: bool = True
     weightsDirectory: str = ""
+    lungModelFile: str = ""
     outputSegmentation: vtkMRMLSegmentationNode
     outputFindingsTable: vtkMRMLTableNode
     outputClassificationTable: vtkMRMLTableNode
@@ -204,6 +205,7 @@ class CovidCTDxWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.recomputeButton.connect("clicked(bool)", self.onRecomputeButton)
         self.ui.weightsPathLineEdit.connect("currentPathChanged(QString)", self.onWeightsPathChanged)
+        self.ui.lungModelPathLineEdit.connect("currentPathChanged(QString)", self.onLungModelPathChanged)
         self.ui.progressBar.setVisible(False)
         self.initializeParameterNode()
 
@@ -244,6 +246,7 @@ class CovidCTDxWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
             self.ui.weightsPathLineEdit.currentPath = self._parameterNode.weightsDirectory
+            self.ui.lungModelPathLineEdit.currentPath = self._parameterNode.lungModelFile
             self.updateGUIFromParameterNode()
 
     # ------------------------------------------------------------------ GUI state
@@ -273,6 +276,10 @@ class CovidCTDxWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode is not None and self._parameterNode.weightsDirectory != path:
             self._parameterNode.weightsDirectory = path
 
+    def onLungModelPathChanged(self, path: str) -> None:
+        if self._parameterNode is not None and self._parameterNode.lungModelFile != path:
+            self._parameterNode.lungModelFile = path
+
     def updateModelCard(self) -> None:
         cards = self.logic.modelCards(self._parameterNode.weightsDirectory or None)
         if not cards:
@@ -301,7 +308,9 @@ class CovidCTDxWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not self.logic.ensureDependencies(stages, askConfirmation=True):
                 self.ui.statusLabel.text = _("Required Python packages are not installed.")
                 return
-            self._job = self.logic.startBackgroundProcessing(p.inputVolume, stages, p.weightsDirectory or None)
+            self._job = self.logic.startBackgroundProcessing(
+                p.inputVolume, stages, p.weightsDirectory or None, lungModel=p.lungModelFile or None
+            )
             self._jobInput = p.inputVolume
             self.ui.progressBar.setVisible(True)
             self.ui.progressBar.value = 0
@@ -458,10 +467,14 @@ class CovidCTDxLogic(ScriptedLoadableModuleLogic):
         return "".join(parts)
 
     # ------------------------------------------------------------------ processing
-    def _options(self, stages: Sequence[str], weightsDir: Optional[str]):
+    def _options(self, stages: Sequence[str], weightsDir: Optional[str], lungModel: Optional[str] = None):
         from CovidCTDxLib.pipeline import PipelineOptions
 
-        return PipelineOptions(stages=tuple(stages), weights_dir=self.weightsDirectory(weightsDir))
+        return PipelineOptions(
+            stages=tuple(stages),
+            weights_dir=self.weightsDirectory(weightsDir),
+            lung_model=Path(lungModel) if lungModel else None,
+        )
 
     def process(
         self,
@@ -470,27 +483,30 @@ class CovidCTDxLogic(ScriptedLoadableModuleLogic):
         weightsDir: Optional[str] = None,
         progressCallback: Optional[Callable[[float, str], None]] = None,
         closedSurface: bool = True,
+        lungModel: Optional[str] = None,
     ):
         """Run the pipeline in this process and add the results to the scene.
 
         Blocks until done (for scripts and tests); the GUI uses the background process
-        instead. Returns ``CovidCTDxLib.slicer_bridge.ResultNodes``.
+        instead. ``lungModel``: a lung U-Net .safetensors to use instead of the classical
+        lung engine. Returns ``CovidCTDxLib.slicer_bridge.ResultNodes``.
         """
         from CovidCTDxLib import slicer_bridge
         from CovidCTDxLib.pipeline import run_pipeline
 
         ct = slicer_bridge.ct_from_volume_node(volumeNode)
-        result = run_pipeline(ct, self._options(stages, weightsDir), progress=progressCallback)
+        result = run_pipeline(ct, self._options(stages, weightsDir, lungModel), progress=progressCallback)
         return slicer_bridge.write_result_to_scene(slicer.mrmlScene, result, volumeNode, closed_surface=closedSurface)
 
-    def startBackgroundProcessing(self, volumeNode, stages: Sequence[str] = STAGE_KEYS, weightsDir: Optional[str] = None):
+    def startBackgroundProcessing(self, volumeNode, stages: Sequence[str] = STAGE_KEYS, weightsDir: Optional[str] = None,
+                                  lungModel: Optional[str] = None):
         """Start the pipeline in a ``PythonSlicer`` process; poll the returned WorkerJob."""
         from CovidCTDxLib import slicer_bridge
         from CovidCTDxLib.worker import WorkerJob
 
         python = shutil.which("PythonSlicer") or sys.executable
         ct = slicer_bridge.ct_from_volume_node(volumeNode)
-        return WorkerJob(ct, self._options(stages, weightsDir), python=python).start()
+        return WorkerJob(ct, self._options(stages, weightsDir, lungModel), python=python).start()
 
     def finishBackgroundProcessing(self, job, volumeNode):
         """Bring a succeeded job's outputs into the scene (all or nothing)."""
@@ -504,11 +520,12 @@ class CovidCTDxLogic(ScriptedLoadableModuleLogic):
         return slicer_bridge.recompute_findings(slicer.mrmlScene, segmentationNode, volumeNode, tableNode)
 
     def processFolder(self, folder: str, outDir: str, stages: Sequence[str] = STAGE_KEYS, weightsDir: Optional[str] = None,
-                      progressCallback: Optional[Callable[[float, str], None]] = None) -> Dict[str, str]:
+                      progressCallback: Optional[Callable[[float, str], None]] = None,
+                      lungModel: Optional[str] = None) -> Dict[str, str]:
         """Headless batch: every CT in ``folder`` → ``outDir/<case>/`` (CLI output files)."""
         from CovidCTDxLib.worker import process_folder
 
-        return process_folder(Path(folder), Path(outDir), self._options(stages, weightsDir), progressCallback)
+        return process_folder(Path(folder), Path(outDir), self._options(stages, weightsDir, lungModel), progressCallback)
 
     # ------------------------------------------------------------------ display
     @staticmethod

@@ -57,6 +57,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     options = PipelineOptions(
         stages=args.stages.split(",") if args.stages else PipelineOptions().stages,
         weights_dir=args.weights,
+        lung_model=args.lung_model,
         lesion_source=args.lesion_source,
     )
     result = run_pipeline(ct, options, progress=ProgressPrinter(args.quiet), cancel=args.cancel)
@@ -121,7 +122,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                                       truth=str(out / "demo_truth.seg.nrrd"))
     cmd_phantom(phantom_args)
     run_args = argparse.Namespace(ct_path=str(ct_path), output=str(out), weights=args.weights, stages=None,
-                                  lesion_source="auto", series_uid=None, quiet=args.quiet, cancel=args.cancel)
+                                  lung_model=None, lesion_source="auto", series_uid=None, quiet=args.quiet, cancel=args.cancel)
     return cmd_run(run_args)
 
 
@@ -154,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("ct_path", help=".nii/.nii.gz/.nrrd/.mha file or DICOM series folder")
     run.add_argument("-o", "--output", default="covidctdx_output", help="output folder")
     run.add_argument("--weights", type=Path, default=None, help="folder with deepsc_*.safetensors / racnet_*.safetensors")
+    run.add_argument("--lung-model", type=Path, default=None,
+                     help="a lung U-Net .safetensors (R231 layout, see CovidCTDxLib/lung_model.py) to use "
+                          "instead of the classical lung engine; checked against its .sha256 sidecar")
     run.add_argument("--stages", default=None, help="comma-separated subset of lungs,deepsc,racnet,findings")
     run.add_argument("--lesion-source", default="auto", choices=("auto", "deepsc", "density"))
     run.add_argument("--series-uid", default=None, help="pick one CT series in a folder holding several")

@@ -5,9 +5,11 @@ trained on thousands of annotated scans we cannot ship; users who have such weig
 plug them in. :func:`CovidCTDxLib.lungs.segment_lungs` accepts any object with
 ``predict(ct) -> labelmap`` (0 background, 1 right lung, 2 left lung; a 0/1 lung map also
 works) and re-decides right/left from patient coordinates, so a model trained on another
-orientation convention still gets sides right.
+orientation convention still gets sides right. An optional ``provenance() -> dict`` (weights
+file, SHA-256, training data) is carried to every output that shows the lung masks.
 
-Weights file (safetensors, so loading never unpickles code):
+Weights file (safetensors, so loading never unpickles code; checked against its SHA-256
+sidecar ``name.safetensors.sha256`` or a digest the caller gives, like every weights file):
 
 - tensors: the ``state_dict`` of :class:`UNet2D` below, key layout
   ``down_path.{0..depth-1}.block.{0,2,3,5}.{weight,bias,running_mean,running_var,
@@ -24,6 +26,7 @@ resized to size×size; argmax of the logits resized back (nearest) to the slice.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 from typing import Dict, Optional, Protocol, Union, runtime_checkable
@@ -35,6 +38,7 @@ from torch.nn import functional as F
 
 from .errors import WeightsError
 from .volume import LPS_SUPERIOR, CTVolume
+from .weights import read_checked_safetensors, sha256_sidecar
 
 log = logging.getLogger(__name__)
 
@@ -114,25 +118,26 @@ class TorchLungModel:
         self.hu_min, self.hu_max, self.size = float(hu_min), float(hu_max), int(size)
         self.batch_size = int(batch_size)
         self.device = torch.device(device)
+        self.weights_file: Optional[str] = None
+        self.weights_sha256: Optional[str] = None
 
     @classmethod
-    def from_file(cls, path: Union[str, Path], device: str = "cpu") -> "TorchLungModel":
+    def from_file(cls, path: Union[str, Path], device: str = "cpu", expected_sha256: Optional[str] = None) -> "TorchLungModel":
         """Load a U-Net from a safetensors file (layout in the module docstring).
 
-        Raises:
-            WeightsError: missing/corrupt file or tensors that do not fit the network.
-        """
-        from safetensors import SafetensorError, safe_open
+        The file goes through the same checks as the model stages' weights
+        (:func:`CovidCTDxLib.weights.read_checked_safetensors`): pickles are refused unread,
+        and the SHA-256 must match ``expected_sha256``, else the ``.sha256`` sidecar that
+        :meth:`save` writes, when one exists. Its file name and SHA-256 are kept and shown
+        with every lung mask it makes.
 
-        path = Path(path)
-        if not path.is_file():
-            raise WeightsError(f"Lung model weights not found: {path}")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta: Dict[str, str] = f.metadata() or {}
-                state = {k: f.get_tensor(k) for k in f.keys()}
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise WeightsError(f"{path} is not a readable safetensors file: {exc}") from exc
+        Raises:
+            WeightsError: missing, unsafe, corrupt or modified file, or tensors that do not
+                fit the network.
+        """
+        checked = read_checked_safetensors(path, expected_sha256)
+        meta, state = checked.metadata, checked.tensors()
+        name = checked.path.name
         try:
             depth, wf = int(meta.get("depth", 5)), int(meta.get("wf", 6))
             n_classes = int(meta.get("n_classes", state["last.weight"].shape[0] if "last.weight" in state else 3))
@@ -140,27 +145,50 @@ class TorchLungModel:
             net.load_state_dict(state, strict=True)
         except (KeyError, RuntimeError, ValueError) as exc:
             raise WeightsError(
-                f"{path} does not hold a UNet2D lung model (see CovidCTDxLib.lung_model for the expected layout): {exc}"
+                f"{name} does not hold a UNet2D lung model (see CovidCTDxLib.lung_model for the expected layout): {exc}"
             ) from exc
-        log.info("lung model %s: depth %d, wf %d, %d classes", path.name, depth, wf, n_classes)
-        return cls(
+        log.info("lung model %s: depth %d, wf %d, %d classes, sha256 %s", name, depth, wf, n_classes, checked.sha256[:12])
+        model = cls(
             net,
             hu_min=float(meta.get("hu_min", -1024)),
             hu_max=float(meta.get("hu_max", 600)),
             size=int(meta.get("size", 256)),
             device=device,
         )
+        model.weights_file, model.weights_sha256 = name, checked.sha256
+        return model
 
-    def save(self, path: Union[str, Path]) -> None:
-        """Write the network as safetensors with the metadata :meth:`from_file` reads."""
-        from safetensors.torch import save_file
+    def provenance(self) -> Dict[str, str]:
+        """Which weights made the lung masks; shown in results.json, the report and the scene."""
+        return {
+            "model": "UNet2D lung model",
+            "weights_file": self.weights_file or "(in memory, not from a file)",
+            "weights_sha256": self.weights_sha256 or "",
+            "training_data": "user-supplied; not validated by CovidCTDx",
+        }
+
+    def save(self, path: Union[str, Path]) -> str:
+        """Write the network as safetensors with the metadata :meth:`from_file` reads.
+
+        Also writes the ``sha256sum``-style sidecar that :meth:`from_file` checks; returns
+        the file's SHA-256.
+        """
+        from safetensors.torch import save
 
         meta = {
             "depth": str(self.net.depth), "wf": str(int(np.log2(self.net.last.in_channels))),
             "n_classes": str(self.net.last.out_channels), "hu_min": str(self.hu_min),
             "hu_max": str(self.hu_max), "size": str(self.size),
         }
-        save_file({k: v.contiguous() for k, v in self.net.state_dict().items()}, str(path), metadata=meta)
+        blob = save({k: v.contiguous() for k, v in self.net.state_dict().items()}, metadata=meta)
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(blob)
+        tmp.replace(path)
+        digest = hashlib.sha256(blob).hexdigest()
+        sha256_sidecar(path).write_text(f"{digest}  {path.name}\n")
+        self.weights_file, self.weights_sha256 = path.name, digest
+        return digest
 
     @torch.no_grad()
     def predict(self, ct: CTVolume, progress: Optional[object] = None) -> np.ndarray:

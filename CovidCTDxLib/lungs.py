@@ -173,16 +173,20 @@ def segment_lungs(
     sides = _SideNamer(ct, frame, grid)
     if model is not None:
         report(0.5, "Lung masking: neural model")
-        lungs = _model_lungs(model, ct, frame, grid) & ~airways
+        # Lungs lie inside the body: a model that also marks the air around the patient
+        # (or the scanner's bore) must not turn it into lung.
+        lungs = _model_lungs(model, ct, frame, grid) & body & ~airways
         labels = _split_left_right(lungs, body, sides, grid)
         method = f"model:{type(model).__name__}"
+        describe = getattr(model, "provenance", None)
+        model_provenance = dict(describe()) if callable(describe) else None
     else:
         report(0.5, "Lung masking: left/right split")
         lungs = air & ~_dilate(airways, 1)
         labels = _split_left_right(lungs, body, sides, grid)
         report(0.65, "Lung masking: filling dense disease")
         labels = _fill_disease(labels, coarse, body, airways, grid)
-        method = "classical"
+        method, model_provenance = "classical", None
     report(0.85, "Lung masking: full resolution")
     right, left = _paste_lungs(labels, hu.shape, grid)
     airways_full = paste_nearest(airways, hu.shape, grid.factors)
@@ -198,6 +202,7 @@ def segment_lungs(
         airways=frame.from_canonical(airways_full),
         body=frame.from_canonical(body_full),
         method=method,
+        model_provenance=model_provenance,
     )
     ml = ct.voxel_volume_ml
     log.info(

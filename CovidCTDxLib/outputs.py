@@ -53,6 +53,8 @@ def results_dict(result: Result, source: str = "") -> Dict[str, Any]:
             "airways_ml": float(result.lungs.airways.sum()) * ml,
             "method": result.lungs.method,
         }
+        if result.lungs.model_provenance is not None:
+            lungs["weights"] = dict(result.lungs.model_provenance)
     findings: Optional[Dict[str, Any]] = None
     if result.findings is not None:
         from .reading import read_findings
@@ -63,7 +65,7 @@ def results_dict(result: Result, source: str = "") -> Dict[str, Any]:
         findings["rule_based_reading"] = {"label": reading.label, "reasons": list(reading.reasons)}
     provenance: Dict[str, Any] = {"project_version": __version__}
     if result.lungs is not None:
-        provenance["lungs"] = {"method": result.lungs.method}
+        provenance["lungs"] = {"method": result.lungs.method, **(result.lungs.model_provenance or {})}
     if result.lesions is not None:
         provenance["lesions"] = {"source": result.lesions.source}
     if result.classification is not None:

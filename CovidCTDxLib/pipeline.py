@@ -49,6 +49,8 @@ class PipelineOptions:
         stages: subset of STAGES. Findings need lungs; the neural stages need lungs too.
         weights_dir: folder holding ``deepsc_*.safetensors`` / ``racnet_*.safetensors``.
         deepsc_weights / racnet_weights: explicit files, overriding ``weights_dir``.
+        lung_model: a user's lung U-Net weights (:mod:`CovidCTDxLib.lung_model`) to use
+            instead of the classical lung engine; None keeps the classical engine.
         lesion_source: where the findings' lesion mask comes from. "auto": DeepSC-COVID's
             lesions when it ran with weights trained on real data, else the density engine
             (synthetic-trained demo weights over-segment real scans, while the density
@@ -60,6 +62,7 @@ class PipelineOptions:
     weights_dir: Optional[Path] = None
     deepsc_weights: Optional[Path] = None
     racnet_weights: Optional[Path] = None
+    lung_model: Optional[Path] = None
     lesion_source: str = "auto"
 
     def __post_init__(self) -> None:
@@ -123,8 +126,14 @@ def run_pipeline(
 
         step = reporter.sub(*_PROGRESS_SPAN["lungs"])
         with timer("lungs"):
+            model = None
+            if options.lung_model is not None:
+                from .lung_model import TorchLungModel
+
+                step(0.0, f"Loading lung model {Path(options.lung_model).name}")
+                model = TorchLungModel.from_file(options.lung_model)
             step(0.0, "Masking lungs")
-            result.lungs = segment_lungs(ct, progress=step.sub(0.0, 0.85))
+            result.lungs = segment_lungs(ct, progress=step.sub(0.0, 0.85), model=model)
             step(0.85, "Computing lung zones")
             result.zones = compute_zones(ct, result.lungs.right, result.lungs.left)
             step(1.0, "Lungs done")

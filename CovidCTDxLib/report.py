@@ -33,6 +33,8 @@ def render_report(results: Dict[str, Any]) -> str:
     lines.append("## Lungs")
     if lungs:
         lines.append(f"Right {lungs['right_ml']:.0f} mL, left {lungs['left_ml']:.0f} mL (method: {lungs['method']}).")
+        if lungs.get("weights"):
+            lines.append(_weights_line(lungs["weights"]))
     else:
         lines.append("Not run.")
     lines.append("")

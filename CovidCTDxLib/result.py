@@ -30,6 +30,8 @@ class LungMasks:
     airways: np.ndarray
     body: np.ndarray
     method: str = "classical"
+    #: For a neural lung model: which weights made the masks (file, SHA-256, training data).
+    model_provenance: Optional[Dict[str, str]] = None
 
     @property
     def lungs(self) -> np.ndarray:

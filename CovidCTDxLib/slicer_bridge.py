@@ -25,7 +25,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from .errors import GeometryError, InputError
-from .result import CLASS_KEYS, CLASS_NAMES, NOT_FOR_DIAGNOSIS, SEVERITY_KEYS, Provenance, Result
+from .result import CLASS_KEYS, CLASS_NAMES, NOT_FOR_DIAGNOSIS, SEVERITY_KEYS, LungMasks, Provenance, Result
 from .outputs import json_safe, segmentation_masks
 from .segments import SEGMENTS, SegmentSpec
 from .volume import CTVolume
@@ -501,6 +501,14 @@ def evidence_volume(scene, reference_volume_node, evidence: np.ndarray, name: st
 
 
 # --------------------------------------------------------------------------- result → scene
+def _set_lung_provenance(segmentation_node, lungs: LungMasks) -> None:
+    """Which engine (and, for a neural lung model, which weights) drew the lung segments."""
+    segmentation_node.SetAttribute(ATTRIBUTE_PREFIX + "lungs.method", lungs.method)
+    if lungs.model_provenance:
+        for key, value in lungs.model_provenance.items():
+            segmentation_node.SetAttribute(f"{ATTRIBUTE_PREFIX}lungs.{key}", str(value))
+
+
 def write_result_to_scene(
     scene,
     result: Result,
@@ -519,6 +527,8 @@ def write_result_to_scene(
         masks = segmentation_masks(result)
         if masks:
             out.segmentation = create_segmentation_node(scene, masks, input_volume_node, f"{prefix} segmentation", closed_surface)
+            if result.lungs is not None:
+                _set_lung_provenance(out.segmentation, result.lungs)
         if result.classification is not None:
             out.classification_table = classification_table(scene, result.classification, f"{prefix} classification")
         if result.severity is not None:

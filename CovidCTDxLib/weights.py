@@ -221,6 +221,61 @@ def _expected_digest(path: Path, expected: Optional[str]) -> Optional[str]:
     return None
 
 
+@dataclass
+class CheckedSafetensors:
+    """A safetensors file's bytes after the safety and digest checks, with its header metadata."""
+
+    path: Path
+    data: bytes
+    sha256: str
+    metadata: Dict[str, str]
+
+    @property
+    def data_section(self) -> bytes:
+        return _data_section(self.data)
+
+    def tensors(self) -> Dict[str, torch.Tensor]:
+        """The tensors; parsing them never runs code (safetensors holds no pickle)."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load as st_load
+
+        try:
+            return st_load(self.data)
+        except (SafetensorError, RuntimeError, ValueError) as exc:
+            raise WeightsError(f"{self.path.name} could not be read as safetensors ({exc}). Restore the original file.") from exc
+
+
+def read_checked_safetensors(path: PathLike, expected_sha256: Optional[str] = None) -> CheckedSafetensors:
+    """Read a user-given safetensors file, refusing it before parsing if it is unsafe.
+
+    Shared by every loader of weights (the model stages and the lung model hook): the file
+    must exist, must not be a pickle / torch zip checkpoint, must have a sane safetensors
+    header, and must match ``expected_sha256`` (else its ``.sha256`` sidecar, else its JSON
+    card) when one of them exists.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"Weights file not found: {path}. Check the path or reinstall the weights.")
+    data = path.read_bytes()
+    _sniff(path, data[:9], len(data))
+    digest = hashlib.sha256(data).hexdigest()
+    want = _expected_digest(path, expected_sha256)
+    if want is not None and want != digest:
+        raise WeightsError(
+            f"{path.name} does not match its SHA-256 (expected {want[:16]}…, file has {digest[:16]}…): "
+            "the file is truncated, corrupt or was modified. Do not use it; restore the original."
+        )
+    (n,) = struct.unpack("<Q", data[:8])
+    try:
+        header = json.loads(data[8 : 8 + n].decode("utf-8"))
+        metadata = header.get("__metadata__") or {}
+        if not isinstance(metadata, dict):
+            raise ValueError("__metadata__ is not a string mapping")
+    except (UnicodeDecodeError, ValueError, AttributeError) as exc:
+        raise WeightsError(f"{path.name} has a corrupt header ({exc}). Restore the original file.") from exc
+    return CheckedSafetensors(path=path, data=data, sha256=digest, metadata={str(k): str(v) for k, v in metadata.items()})
+
+
 def load_weights(
     path: PathLike,
     expected_architecture: str,
@@ -238,26 +293,8 @@ def load_weights(
         expected_version: if given, the card's ``architecture_version`` must equal it.
     """
     path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"Weights file not found: {path}. Check the --weights path or reinstall the demo weights.")
-    data = path.read_bytes()
-    _sniff(path, data[:9], len(data))
-    digest = hashlib.sha256(data).hexdigest()
-    want = _expected_digest(path, expected_sha256)
-    if want is not None and want != digest:
-        raise WeightsError(
-            f"{path.name} does not match its SHA-256 (expected {want[:16]}…, file has {digest[:16]}…): "
-            "the file is truncated, corrupt or was modified. Do not use it; restore the original."
-        )
-    from safetensors import SafetensorError
-    from safetensors.torch import load as st_load
-
-    (n,) = struct.unpack("<Q", data[:8])
-    try:
-        header = json.loads(data[8 : 8 + n].decode("utf-8"))
-        metadata = header.get("__metadata__") or {}
-    except (UnicodeDecodeError, ValueError, AttributeError) as exc:
-        raise WeightsError(f"{path.name} has a corrupt header ({exc}). Restore the original file.") from exc
+    checked = read_checked_safetensors(path, expected_sha256)
+    metadata = checked.metadata
     if META_CARD not in metadata:
         raise WeightsError(f"{path.name} has no model card: it was not written by CovidCTDx and cannot be verified.")
     try:
@@ -274,15 +311,12 @@ def load_weights(
             f"{path.name} was made for {card.architecture} version {card.architecture_version}, "
             f"but this program needs version {expected_version}. Use weights trained with this version."
         )
-    data_sha = hashlib.sha256(data[8 + n :]).hexdigest()
+    data_sha = hashlib.sha256(checked.data_section).hexdigest()
     if metadata.get(META_TENSORS_SHA) and metadata[META_TENSORS_SHA] != data_sha:
         raise WeightsError(
             f"The tensors in {path.name} do not match their recorded digest: the file was modified or is "
             "corrupt. Restore the original file."
         )
-    try:
-        state_dict = st_load(data)
-    except (SafetensorError, RuntimeError, ValueError) as exc:
-        raise WeightsError(f"{path.name} could not be read as safetensors ({exc}). Restore the original file.") from exc
-    log.info("loaded %s: %s v%s, sha256 %s", path.name, card.architecture, card.architecture_version, digest[:12])
-    return LoadedWeights(state_dict=state_dict, card=card, sha256=digest, path=path)
+    state_dict = checked.tensors()
+    log.info("loaded %s: %s v%s, sha256 %s", path.name, card.architecture, card.architecture_version, checked.sha256[:12])
+    return LoadedWeights(state_dict=state_dict, card=card, sha256=checked.sha256, path=path)

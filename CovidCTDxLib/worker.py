@@ -62,6 +62,7 @@ def options_to_dict(options) -> Dict[str, Any]:
         "weights_dir": str(options.weights_dir) if options.weights_dir else None,
         "deepsc_weights": str(options.deepsc_weights) if options.deepsc_weights else None,
         "racnet_weights": str(options.racnet_weights) if options.racnet_weights else None,
+        "lung_model": str(options.lung_model) if options.lung_model else None,
         "lesion_source": options.lesion_source,
     }
 
@@ -69,7 +70,7 @@ def options_to_dict(options) -> Dict[str, Any]:
 def options_from_dict(data: Dict[str, Any]):
     from .pipeline import PipelineOptions
 
-    paths = {k: (Path(data[k]) if data.get(k) else None) for k in ("weights_dir", "deepsc_weights", "racnet_weights")}
+    paths = {k: (Path(data[k]) if data.get(k) else None) for k in ("weights_dir", "deepsc_weights", "racnet_weights", "lung_model")}
     return PipelineOptions(stages=tuple(data.get("stages", ())), lesion_source=data.get("lesion_source", "auto"), **paths)
 
 

@@ -95,7 +95,7 @@ def test_ui_has_the_controls_the_issue_asks_for(ui_root):
     expected = {
         "inputVolumeSelector": "qMRMLNodeComboBox",
         "lungsCheckBox": "QCheckBox", "deepscCheckBox": "QCheckBox", "racnetCheckBox": "QCheckBox", "findingsCheckBox": "QCheckBox",
-        "weightsPathLineEdit": "ctkPathLineEdit", "modelCardTextBrowser": "QTextBrowser", "syntheticWarningLabel": "QLabel",
+        "weightsPathLineEdit": "ctkPathLineEdit", "lungModelPathLineEdit": "ctkPathLineEdit", "modelCardTextBrowser": "QTextBrowser", "syntheticWarningLabel": "QLabel",
         "applyButton": "QPushButton", "progressBar": "QProgressBar", "statusLabel": "QLabel",
         "classificationLabel": "QLabel", "severityLabel": "QLabel", "metricsLabel": "QLabel",
         "outputSegmentationSelector": "qMRMLNodeComboBox", "outputFindingsTableSelector": "qMRMLNodeComboBox",
@@ -123,7 +123,7 @@ def test_ui_parameter_bindings_exist_in_parameter_node(module_ast, ui_root):
     bound = [p.findtext("string") for p in ui_root.iter("property") if p.get("name") == "SlicerParameterName"]
     assert bound and set(bound) <= fields, set(bound) - fields
     for needed in ("inputVolume", "runLungs", "runDeepSC", "runRACNet", "runFindings", "weightsDirectory",
-                   "outputSegmentation", "outputFindingsTable"):
+                   "lungModelFile", "outputSegmentation", "outputFindingsTable"):
         assert needed in fields
 
 

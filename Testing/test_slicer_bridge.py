@@ -270,6 +270,23 @@ def test_segments_ids_names_colours_terminology(scene):
         assert surface.GetNumberOfPoints() > 0
 
 
+def test_segmentation_records_which_lung_engine_and_weights_drew_the_lungs(scene):
+    ct = make_ct(DIRECTIONS["oblique"])
+    masks = make_masks(ct)
+    volume = sb.volume_node_from_ct(scene, ct, "CT")
+    classical = sb.write_result_to_scene(scene, make_result(ct, masks), volume, closed_surface=False).segmentation
+    assert classical.GetAttribute(sb.ATTRIBUTE_PREFIX + "lungs.method") == "classical"
+    assert classical.GetAttribute(sb.ATTRIBUTE_PREFIX + "lungs.weights_sha256") is None
+    weights = {"model": "UNet2D lung model", "weights_file": "r231.safetensors", "weights_sha256": "cd" * 32,
+               "training_data": "user-supplied; not validated by CovidCTDx"}
+    result = make_result(ct, masks)
+    result.lungs.method, result.lungs.model_provenance = "model:TorchLungModel", weights
+    neural = sb.write_result_to_scene(scene, result, volume, closed_surface=False).segmentation
+    assert neural.GetAttribute(sb.ATTRIBUTE_PREFIX + "lungs.method") == "model:TorchLungModel"
+    assert neural.GetAttribute(sb.ATTRIBUTE_PREFIX + "lungs.weights_sha256") == "cd" * 32
+    assert neural.GetAttribute(sb.ATTRIBUTE_PREFIX + "lungs.weights_file") == "r231.safetensors"
+
+
 def test_seg_nrrd_written_by_mrml_reads_back(scene, tmp_path):
     from CovidCTDxLib.io import read_segmentation
 
