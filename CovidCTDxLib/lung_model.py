@@ -26,7 +26,6 @@ resized to size×size; argmax of the logits resized back (nearest) to the slice.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 from typing import Dict, Optional, Protocol, Union, runtime_checkable
@@ -38,7 +37,7 @@ from torch.nn import functional as F
 
 from .errors import WeightsError
 from .volume import LPS_SUPERIOR, CTVolume
-from .weights import read_checked_safetensors, sha256_sidecar
+from .weights import read_checked_safetensors, write_with_sha256_sidecar
 
 log = logging.getLogger(__name__)
 
@@ -181,13 +180,8 @@ class TorchLungModel:
             "hu_max": str(self.hu_max), "size": str(self.size),
         }
         blob = save({k: v.contiguous() for k, v in self.net.state_dict().items()}, metadata=meta)
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(blob)
-        tmp.replace(path)
-        digest = hashlib.sha256(blob).hexdigest()
-        sha256_sidecar(path).write_text(f"{digest}  {path.name}\n")
-        self.weights_file, self.weights_sha256 = path.name, digest
+        digest = write_with_sha256_sidecar(path, blob)
+        self.weights_file, self.weights_sha256 = Path(path).name, digest
         return digest
 
     @torch.no_grad()

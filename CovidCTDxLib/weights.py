@@ -149,6 +149,22 @@ def _data_section(blob: bytes) -> bytes:
     return blob[8 + n :]
 
 
+def write_with_sha256_sidecar(path: PathLike, blob: bytes) -> str:
+    """Write a weights file atomically plus its ``sha256sum``-style sidecar; return the digest.
+
+    Every weights writer uses it, so every file a loader meets has the sidecar that
+    :func:`read_checked_safetensors` verifies.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(blob)
+    tmp.replace(path)
+    digest = hashlib.sha256(blob).hexdigest()
+    sha256_sidecar(path).write_text(f"{digest}  {path.name}\n")
+    return digest
+
+
 def save_weights(path: PathLike, state_dict: Mapping[str, torch.Tensor], card: ModelCard) -> str:
     """Write ``state_dict`` + ``card`` as safetensors with sidecars; return the file SHA-256.
 
@@ -165,12 +181,7 @@ def save_weights(path: PathLike, state_dict: Mapping[str, torch.Tensor], card: M
     # The data section does not depend on the metadata, so hash it from a first pass.
     data_sha = hashlib.sha256(_data_section(_serialise(tensors, {}))).hexdigest()
     blob = _serialise(tensors, {META_FORMAT: FORMAT_TAG, META_CARD: card_json, META_TENSORS_SHA: data_sha})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(blob)
-    tmp.replace(path)
-    digest = hashlib.sha256(blob).hexdigest()
-    sha256_sidecar(path).write_text(f"{digest}  {path.name}\n")
+    digest = write_with_sha256_sidecar(path, blob)
     card_sidecar(path).write_text(json.dumps({**card.to_dict(), "sha256": digest, "file": path.name}, indent=2, sort_keys=True) + "\n")
     log.info("saved %s (%d tensors, %.1f MB, sha256 %s)", path, len(tensors), len(blob) / 1e6, digest[:12])
     return digest
