@@ -2,7 +2,7 @@
 
 Thin by design: the Widget wires the .ui to a parameter node, the Logic delegates to
 ``CovidCTDxLib`` (pipeline in a background ``PythonSlicer`` process, scene writing in
-``CovidCTDxLib.slicer_bridge``). Everything heavy is imported lazily, so loading the
+``CovidCTDxLib.slicer_bridge.scene``). Everything heavy is imported lazily, so loading the
 module never needs torch, and missing packages are installed only when the user
 confirms, on first use.
 """
@@ -489,9 +489,9 @@ class CovidCTDxLogic(ScriptedLoadableModuleLogic):
 
         Blocks until done (for scripts and tests); the GUI uses the background process
         instead. ``lungModel``: a lung U-Net .safetensors to use instead of the classical
-        lung engine. Returns ``CovidCTDxLib.slicer_bridge.ResultNodes``.
+        lung engine. Returns ``CovidCTDxLib.slicer_bridge.scene.ResultNodes``.
         """
-        from CovidCTDxLib import slicer_bridge
+        from CovidCTDxLib.slicer_bridge import scene as slicer_bridge
         from CovidCTDxLib.pipeline import run_pipeline
 
         ct = slicer_bridge.ct_from_volume_node(volumeNode)
@@ -501,8 +501,8 @@ class CovidCTDxLogic(ScriptedLoadableModuleLogic):
     def startBackgroundProcessing(self, volumeNode, stages: Sequence[str] = STAGE_KEYS, weightsDir: Optional[str] = None,
                                   lungModel: Optional[str] = None):
         """Start the pipeline in a ``PythonSlicer`` process; poll the returned WorkerJob."""
-        from CovidCTDxLib import slicer_bridge
-        from CovidCTDxLib.worker import WorkerJob
+        from CovidCTDxLib.slicer_bridge import scene as slicer_bridge
+        from CovidCTDxLib.app.worker import WorkerJob
 
         python = shutil.which("PythonSlicer") or sys.executable
         ct = slicer_bridge.ct_from_volume_node(volumeNode)
@@ -510,12 +510,12 @@ class CovidCTDxLogic(ScriptedLoadableModuleLogic):
 
     def finishBackgroundProcessing(self, job, volumeNode):
         """Bring a succeeded job's outputs into the scene (all or nothing)."""
-        from CovidCTDxLib import slicer_bridge
+        from CovidCTDxLib.slicer_bridge import scene as slicer_bridge
 
         return slicer_bridge.write_result_to_scene(slicer.mrmlScene, job.result(), volumeNode)
 
     def recomputeFindings(self, segmentationNode, volumeNode, tableNode=None):
-        from CovidCTDxLib import slicer_bridge
+        from CovidCTDxLib.slicer_bridge import scene as slicer_bridge
 
         return slicer_bridge.recompute_findings(slicer.mrmlScene, segmentationNode, volumeNode, tableNode)
 
@@ -523,7 +523,7 @@ class CovidCTDxLogic(ScriptedLoadableModuleLogic):
                       progressCallback: Optional[Callable[[float, str], None]] = None,
                       lungModel: Optional[str] = None) -> Dict[str, str]:
         """Headless batch: every CT in ``folder`` → ``outDir/<case>/`` (CLI output files)."""
-        from CovidCTDxLib.worker import process_folder
+        from CovidCTDxLib.app.worker import process_folder
 
         return process_folder(Path(folder), Path(outDir), self._options(stages, weightsDir, lungModel), progressCallback)
 
@@ -542,7 +542,7 @@ class CovidCTDxLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def summary(parameterNode) -> Dict[str, str]:
         """One-line texts for the result panel, read back from the output nodes."""
-        from CovidCTDxLib import slicer_bridge
+        from CovidCTDxLib.slicer_bridge import scene as slicer_bridge
         from CovidCTDxLib.result import CLASS_NAMES
 
         text = {"classification": "–", "severity": "–", "metrics": "–", "provenance": ""}

@@ -49,7 +49,7 @@ class PipelineOptions:
         stages: subset of STAGES. Findings need lungs; the neural stages need lungs too.
         weights_dir: folder holding ``deepsc_*.safetensors`` / ``racnet_*.safetensors``.
         deepsc_weights / racnet_weights: explicit files, overriding ``weights_dir``.
-        lung_model: a user's lung U-Net weights (:mod:`CovidCTDxLib.lung_model`) to use
+        lung_model: a user's lung U-Net weights (:mod:`CovidCTDxLib.lungs.model_hook`) to use
             instead of the classical lung engine; None keeps the classical engine.
         lesion_source: where the findings' lesion mask comes from. "auto": DeepSC-COVID's
             lesions when it ran with weights trained on real data, else the density engine
@@ -121,14 +121,14 @@ def run_pipeline(
     # ---------------------------------------------------------------- lungs
     needs_lungs = bool(stages)
     if needs_lungs:
-        from .lungs import segment_lungs
-        from .zones import compute_zones
+        from .lungs.engine import segment_lungs
+        from .lungs.zones import compute_zones
 
         step = reporter.sub(*_PROGRESS_SPAN["lungs"])
         with timer("lungs"):
             model = None
             if options.lung_model is not None:
-                from .lung_model import TorchLungModel
+                from .lungs.model_hook import TorchLungModel
 
                 step(0.0, f"Loading lung model {Path(options.lung_model).name}")
                 model = TorchLungModel.from_file(options.lung_model)
@@ -156,7 +156,7 @@ def run_pipeline(
 
     # ---------------------------------------------------------------- findings
     if "findings" in stages and result.lesions is not None:
-        from .findings import compute_findings
+        from .findings.metrics import compute_findings
 
         step = reporter.sub(*_PROGRESS_SPAN["findings"])
         with timer("findings"):
@@ -186,7 +186,7 @@ def _load_stage_weights(result: Result, options: PipelineOptions, model: str, ou
 
 
 def _run_deepsc(result: Result, options: PipelineOptions, step: Progress, timer: _Timer) -> None:
-    from .inference import run_deepsc
+    from .deepsc.inference import run_deepsc
 
     weights = _load_stage_weights(result, options, "deepsc", "classification", "DeepSC-COVID", step)
     if weights is None:
@@ -206,7 +206,7 @@ def _run_deepsc(result: Result, options: PipelineOptions, step: Progress, timer:
 
 def _finish_lesions(result: Result, options: PipelineOptions, step: Progress, timer: _Timer) -> None:
     """Density lesions when no neural mask; the GGO/consolidation split in any case."""
-    from .lesions import detect_lesions, split_lesion_types
+    from .lesions.density import detect_lesions, split_lesion_types
 
     with timer("lesions"):
         if result.lesions is None:
@@ -222,7 +222,7 @@ def _finish_lesions(result: Result, options: PipelineOptions, step: Progress, ti
 
 
 def _run_racnet(result: Result, options: PipelineOptions, step: Progress, timer: _Timer) -> None:
-    from .racnet_inference import run_racnet
+    from .racnet.inference import run_racnet
 
     weights = _load_stage_weights(result, options, "racnet", "severity", "RACNet", step)
     if weights is None:

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from CovidCTDxLib.cli import EXIT_USER_ERROR, main
+from CovidCTDxLib.app.cli import EXIT_USER_ERROR, main
 from CovidCTDxLib.errors import CancelledError
-from CovidCTDxLib.io import read_ct, read_segmentation, write_segmentation, write_volume
-from CovidCTDxLib.phantom import make_phantom
+from CovidCTDxLib.io.readers import read_ct, read_segmentation, write_segmentation, write_volume
+from CovidCTDxLib.synthetic.phantom import make_phantom
 from CovidCTDxLib.pipeline import PipelineOptions, run_pipeline
 from CovidCTDxLib.progress import CancelToken
 from CovidCTDxLib.result import CLASS_KEYS, NOT_FOR_DIAGNOSIS, SEVERITY_KEYS

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from CovidCTDxLib.coarse_grid import block_mean, paste_linear, paste_nearest
+from CovidCTDxLib.grid import block_mean, paste_linear, paste_nearest
 
 
 def _resampled_reference(mask: np.ndarray, shape, factors) -> np.ndarray:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from CovidCTDxLib.inference import run_deepsc
+from CovidCTDxLib.deepsc.inference import run_deepsc
 from CovidCTDxLib.models.deepsc import ARCHITECTURE, ARCHITECTURE_VERSION
 from CovidCTDxLib.result import NOT_FOR_DIAGNOSIS, LungMasks
 from CovidCTDxLib.training.common import dice_score
@@ -49,7 +49,7 @@ def test_demo_weights_are_small_verified_and_labelled(demo):
 
 @pytest.mark.slow
 def test_held_out_phantoms_dice_and_accuracy(demo):
-    from CovidCTDxLib.phantom import make_phantom
+    from CovidCTDxLib.synthetic.phantom import make_phantom
 
     from CovidCTDxLib.result import CLASS_KEYS
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from CovidCTDxLib.errors import LungsNotFoundError, WeightsError
-from CovidCTDxLib.inference import Orientation, plan_axis, prepare_scan, run_deepsc, window_starts
+from CovidCTDxLib.deepsc.inference import Orientation, plan_axis, prepare_scan, run_deepsc, window_starts
 from CovidCTDxLib.models.deepsc import ARCHITECTURE, ARCHITECTURE_VERSION, DeepSCConfig, DeepSCCovid
 from CovidCTDxLib.result import CLASS_KEYS, NOT_FOR_DIAGNOSIS, LungMasks
 from CovidCTDxLib.volume import CTVolume
@@ -27,7 +27,7 @@ def random_weights(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def small_ct():
-    from CovidCTDxLib.phantom import make_phantom
+    from CovidCTDxLib.synthetic.phantom import make_phantom
 
     p = make_phantom("covid", "moderate", shape=(24, 72, 80), spacing=(4.5, 4.5, 8.0), seed=5)
     return p.ct, LungMasks(p.right_lung, p.left_lung, p.airways, p.body)

@@ -145,7 +145,7 @@ def test_one_step_lowers_the_loss():
 
 def test_overfits_a_tiny_phantom_batch():
     """A few dozen Adam steps on two phantom patches drive the loss down and fit the labels."""
-    from CovidCTDxLib.phantom import make_phantom
+    from CovidCTDxLib.synthetic.phantom import make_phantom
     from CovidCTDxLib.training.datasets import PatchDataset, prepare_case
 
     cfg = DeepSCConfig(width=8, patch_size=(8, 32, 32), cls_slices=16, cls_size=32, spacing=(5.0, 5.0, 8.0))

@@ -25,7 +25,7 @@ CFG = DeepSCConfig(width=8, patch_size=(8, 32, 32), cls_slices=16, cls_size=32, 
 
 @pytest.fixture(scope="module")
 def phantoms():
-    from CovidCTDxLib.phantom import make_phantom
+    from CovidCTDxLib.synthetic.phantom import make_phantom
 
     return {k: make_phantom(k, "moderate" if k != "normal" else None, shape=(24, 72, 80), spacing=(4.5, 4.5, 8.0), seed=7) for k in ("covid", "cap", "normal")}
 
@@ -85,7 +85,7 @@ def test_csv_layout_loads_with_given_lungs(tmp_path, phantoms):
 
 def _sparse_case() -> D.PreparedCase:
     """A 32×128×128 scan with one small lesion: random patches rarely hit it."""
-    from CovidCTDxLib.inference import PreparedScan
+    from CovidCTDxLib.deepsc.inference import PreparedScan
 
     vol = torch.full((32, 128, 128), 0.2)
     lesion = torch.zeros(32, 128, 128, dtype=torch.bool)

@@ -4,13 +4,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from CovidCTDxLib.findings import MIN_COUNTED_LESION_ML, compute_findings, severity_points
-from CovidCTDxLib.lesions import split_lesion_types
-from CovidCTDxLib.phantom import make_phantom
-from CovidCTDxLib.reading import read_findings
+from CovidCTDxLib.findings.metrics import MIN_COUNTED_LESION_ML, compute_findings, severity_points
+from CovidCTDxLib.lesions.density import split_lesion_types
+from CovidCTDxLib.synthetic.phantom import make_phantom
+from CovidCTDxLib.findings.reading import read_findings
 from CovidCTDxLib.result import LesionMasks, LungMasks
 from CovidCTDxLib.volume import CTVolume
-from CovidCTDxLib.zones import compute_zones
+from CovidCTDxLib.lungs.zones import compute_zones
 
 
 def _box_case():

@@ -9,7 +9,7 @@ import pytest
 import SimpleITK as sitk
 
 from CovidCTDxLib.errors import CovidCTDxError, GeometryError, InputError, NotCTError, VolumeTooLargeError
-from CovidCTDxLib.io import read_ct, read_segmentation, write_segmentation, write_volume
+from CovidCTDxLib.io.readers import read_ct, read_segmentation, write_segmentation, write_volume
 from CovidCTDxLib.volume import CTVolume
 
 from dicom_factory import write_series

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from scipy.stats import rankdata
 
-from CovidCTDxLib.lesions import CONSOLIDATION_HU, detect_lesions, split_lesion_types
-from CovidCTDxLib.phantom import insert_lesions, make_phantom
+from CovidCTDxLib.lesions.density import CONSOLIDATION_HU, detect_lesions, split_lesion_types
+from CovidCTDxLib.synthetic.phantom import insert_lesions, make_phantom
 from CovidCTDxLib.result import LungMasks
 
 
@@ -53,7 +53,7 @@ def test_split_types_partition_any_mask():
 # ----------------------------------------------------------------- real CT A0001
 @pytest.fixture(scope="module")
 def a0001(a0001_nii, a0001_reference):
-    from CovidCTDxLib.io import read_ct
+    from CovidCTDxLib.io.readers import read_ct
 
     ct = read_ct(a0001_nii)
     ref = read_ct.__globals__["sitk"].GetArrayFromImage(read_ct.__globals__["sitk"].ReadImage(str(a0001_reference)))
@@ -109,8 +109,8 @@ def _auc(score, label):
 
 @pytest.mark.slow
 def test_covid_scan_slice_auc(covid_dicom_dir, covid_infected_csv):
-    from CovidCTDxLib.io import read_ct
-    from CovidCTDxLib.lungs import segment_lungs
+    from CovidCTDxLib.io.readers import read_ct
+    from CovidCTDxLib.lungs.engine import segment_lungs
 
     ct = read_ct(covid_dicom_dir)
     lungs = segment_lungs(ct)

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from CovidCTDxLib import lung_enclosure
-from CovidCTDxLib.lungs import segment_lungs
-from CovidCTDxLib.phantom import make_phantom
+from CovidCTDxLib.lungs import enclosure as lung_enclosure
+from CovidCTDxLib.lungs.engine import segment_lungs
+from CovidCTDxLib.synthetic.phantom import make_phantom
 from CovidCTDxLib.training.common import dice_score
 
 #: Two empty masks score 0 here, not dice_score's default 1: an empty lung is a failure.
@@ -56,7 +56,7 @@ def test_paravertebral_mass_is_filled_into_its_lung(kind, severity):
 
 def test_without_the_enclosure_fill_the_mass_is_lost(monkeypatch):
     """The mass test above depends on this stage (not on the closing or hole filling)."""
-    import CovidCTDxLib.lungs as lungs
+    import CovidCTDxLib.lungs.engine as lungs
 
     p = make_phantom(kind="normal", seed=5)
     mass = paint_paravertebral_mass(p)
@@ -184,7 +184,7 @@ def test_a_mass_takes_back_its_rim_but_a_thin_layer_alone_stays_out():
 @pytest.mark.slow
 def test_airless_lobes_need_the_repeated_passes(monkeypatch):
     """Critical CAP: consolidated lobes deeper than one pass reaches (60 mm)."""
-    import CovidCTDxLib.lungs as lungs
+    import CovidCTDxLib.lungs.engine as lungs
 
     p = make_phantom(kind="cap", severity="critical", seed=3)
     repeated = segment_lungs(p.ct)
@@ -197,7 +197,7 @@ def test_airless_lobes_need_the_repeated_passes(monkeypatch):
 
 def _count_passes(monkeypatch):
     """Wrap the enclosure fill; returns {"right": n, "left": n} passes, filled as it runs."""
-    import CovidCTDxLib.lungs as lungs
+    import CovidCTDxLib.lungs.engine as lungs
 
     passes = {"right": 0, "left": 0}
     fill = lungs.enclosed_disease
@@ -215,7 +215,7 @@ def _count_passes(monkeypatch):
 def test_passes_repeat_while_an_airless_lobe_grows(monkeypatch):
     """Severe CAP: the airless left upper lobe is deeper than one pass reaches (60 mm) and
     grows by 0.5-2 % per pass; the passes stop on growth, not after a fixed count."""
-    import CovidCTDxLib.lungs as lungs
+    import CovidCTDxLib.lungs.engine as lungs
 
     p = make_phantom(kind="cap", severity="severe", seed=2)
     passes = _count_passes(monkeypatch)
@@ -238,8 +238,8 @@ def test_real_scan_without_dense_disease_gains_almost_nothing(covid_dicom_dir, m
     """P001 has only small ground-glass patches: what the stage adds there is chest wall,
     hilum or mediastinum, never disease. Without the convex-hull check the chest wall
     beside the apices came to 0.48 % of the lungs (30 mL)."""
-    import CovidCTDxLib.lungs as lungs
-    from CovidCTDxLib.io import read_ct
+    import CovidCTDxLib.lungs.engine as lungs
+    from CovidCTDxLib.io.readers import read_ct
 
     ct = read_ct(covid_dicom_dir)
     with_stage = segment_lungs(ct)

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from CovidCTDxLib.cli import main
+from CovidCTDxLib.app.cli import main
 from CovidCTDxLib.errors import WeightsError
-from CovidCTDxLib.io import write_volume
-from CovidCTDxLib.lung_model import TorchLungModel, UNet2D
-from CovidCTDxLib.phantom import make_phantom
+from CovidCTDxLib.io.readers import write_volume
+from CovidCTDxLib.lungs.model_hook import TorchLungModel, UNet2D
+from CovidCTDxLib.synthetic.phantom import make_phantom
 from CovidCTDxLib.pipeline import PipelineOptions, run_pipeline
 from CovidCTDxLib.training.common import dice_score
 from CovidCTDxLib.weights import file_sha256, sha256_sidecar
@@ -129,7 +129,7 @@ def test_air_threshold_model_is_a_working_network(small_phantom):
 
 def test_the_slicer_background_worker_gets_the_lung_model(model_file):
     """The module's background process rebuilds its options from JSON: the file must survive."""
-    from CovidCTDxLib.worker import options_from_dict, options_to_dict
+    from CovidCTDxLib.app.worker import options_from_dict, options_to_dict
 
     options = PipelineOptions(stages=("lungs", "findings"), lung_model=model_file)
     assert options_from_dict(json.loads(json.dumps(options_to_dict(options)))).lung_model == model_file

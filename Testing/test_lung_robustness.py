@@ -13,8 +13,8 @@ import pytest
 from scipy import ndimage as ndi
 
 from CovidCTDxLib.errors import LungsNotFoundError
-from CovidCTDxLib.lungs import segment_lungs
-from CovidCTDxLib.phantom import make_phantom
+from CovidCTDxLib.lungs.engine import segment_lungs
+from CovidCTDxLib.synthetic.phantom import make_phantom
 from CovidCTDxLib.training.common import dice_score
 from CovidCTDxLib.volume import CTVolume
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from CovidCTDxLib.errors import CancelledError, LungsNotFoundError, WeightsError
-from CovidCTDxLib.lung_model import TorchLungModel, UNet2D
-from CovidCTDxLib.lungs import segment_lungs
+from CovidCTDxLib.lungs.model_hook import TorchLungModel, UNet2D
+from CovidCTDxLib.lungs.engine import segment_lungs
 from CovidCTDxLib.progress import CancelToken, Progress
 from CovidCTDxLib.training.common import dice_score
 from CovidCTDxLib.volume import CTVolume
@@ -20,7 +20,7 @@ dice = functools.partial(dice_score, empty=0.0)
 
 
 def phantom(**kw):
-    from CovidCTDxLib.phantom import make_phantom
+    from CovidCTDxLib.synthetic.phantom import make_phantom
 
     return make_phantom(**kw)
 
@@ -39,7 +39,7 @@ def flip_left_right(ct: CTVolume) -> CTVolume:
 def a0001(a0001_nii, a0001_reference):
     import SimpleITK as sitk
 
-    from CovidCTDxLib.io import read_ct
+    from CovidCTDxLib.io.readers import read_ct
 
     ct = read_ct(a0001_nii)
     ref = sitk.GetArrayFromImage(sitk.ReadImage(str(a0001_reference)))
@@ -94,7 +94,7 @@ def test_a0001_tumour_filled_into_left_lung(a0001, a0001_nii):
 
 @pytest.mark.realdata
 def test_real_covid_dicom_lungs_plausible(covid_dicom_dir):
-    from CovidCTDxLib.io import read_ct
+    from CovidCTDxLib.io.readers import read_ct
 
     ct = read_ct(covid_dicom_dir)
     m = segment_lungs(ct)

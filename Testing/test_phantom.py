@@ -8,7 +8,7 @@ import pytest
 from scipy import ndimage
 
 from CovidCTDxLib.errors import CancelledError, InputError, VolumeTooLargeError
-from CovidCTDxLib.phantom import (
+from CovidCTDxLib.synthetic.phantom import (
     CONSOLIDATION,
     GGO,
     SEVERITY_LVR_PERCENT,

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from CovidCTDxLib.anchors import Anchors, compute_anchors
+from CovidCTDxLib.racnet.anchors import Anchors, compute_anchors
 from CovidCTDxLib.errors import WeightsError
 from CovidCTDxLib.models.racnet import ARCHITECTURE, ARCHITECTURE_VERSION, RACNet, RACNetConfig, coral_loss, racnet_losses
-from CovidCTDxLib.racnet_inference import (
+from CovidCTDxLib.racnet.inference import (
     SlicePrep, load_racnet, model_card_config, predict_stack, prepare_scan, run_racnet, save_racnet_weights,
 )
 from CovidCTDxLib.result import SEVERITY_KEYS, LungMasks
@@ -198,7 +198,7 @@ def test_cov19_ct_db_layout(tmp_path):
 
 def test_prepare_scan_orientation_invariant():
     """A scan stored flipped left-right gives the same prepared stack."""
-    from CovidCTDxLib.phantom import make_phantom
+    from CovidCTDxLib.synthetic.phantom import make_phantom
     from CovidCTDxLib.volume import CTVolume
 
     ph = make_phantom(kind="cap", shape=(40, 96, 96), spacing=(3.6, 3.6, 7.0), seed=4)
@@ -256,7 +256,7 @@ def test_demo_weights_on_held_out_phantoms(demo):
     """Held-out phantoms (seeds 900000+, never used for training, validation or model selection;
     the same set ``tools/train_demo_racnet.py`` reports): severity macro-F1 ≥ 0.7, COVID
     accuracy ≥ 0.9. 36 phantoms: with 18, one error moves the accuracy by 0.06."""
-    from CovidCTDxLib.phantom import make_phantom, severity_from_lvr
+    from CovidCTDxLib.synthetic.phantom import make_phantom, severity_from_lvr
     from CovidCTDxLib.training.common import accuracy, macro_f1
     from CovidCTDxLib.training.racnet_data import PHANTOM_CYCLE, PHANTOM_GEOMETRIES
 
@@ -290,7 +290,7 @@ def test_noise_is_out_of_distribution(demo):
 
 def test_run_racnet_on_real_covid_scan(demo, covid_dicom_dir):
     """Smoke test on real data (no lung mask → COVID-CTset selection): a well-formed result."""
-    from CovidCTDxLib.io import read_ct
+    from CovidCTDxLib.io.readers import read_ct
 
     w, bundle = demo
     s = run_racnet(read_ct(covid_dicom_dir), None, w, bundle=bundle)

@@ -19,7 +19,7 @@ import pytest
 slicer = pytest.importorskip("slicer")
 vtk = pytest.importorskip("vtk")
 
-from CovidCTDxLib import slicer_bridge as sb  # noqa: E402
+from CovidCTDxLib.slicer_bridge import scene as sb  # noqa: E402
 from CovidCTDxLib.errors import GeometryError, InputError  # noqa: E402
 from CovidCTDxLib.result import (  # noqa: E402
     CLASS_KEYS,
@@ -288,7 +288,7 @@ def test_segmentation_records_which_lung_engine_and_weights_drew_the_lungs(scene
 
 
 def test_seg_nrrd_written_by_mrml_reads_back(scene, tmp_path):
-    from CovidCTDxLib.io import read_segmentation
+    from CovidCTDxLib.io.readers import read_segmentation
 
     ct = make_ct(DIRECTIONS["oblique"])
     masks = make_masks(ct)
@@ -489,14 +489,14 @@ def test_recompute_without_lesion_segment_is_refused_and_changes_nothing(scene):
 # --------------------------------------------------------------------------- background worker
 @pytest.fixture(scope="module")
 def small_phantom():
-    from CovidCTDxLib.phantom import make_phantom
+    from CovidCTDxLib.synthetic.phantom import make_phantom
 
     return make_phantom("covid", severity="moderate", shape=(40, 112, 112), spacing=(3.0, 3.0, 6.5), seed=1)
 
 
 def test_worker_runs_out_of_process_and_result_lands_in_scene(scene, small_phantom):
     from CovidCTDxLib.pipeline import PipelineOptions
-    from CovidCTDxLib.worker import SUCCEEDED, WorkerJob
+    from CovidCTDxLib.app.worker import SUCCEEDED, WorkerJob
 
     volume = sb.volume_node_from_ct(scene, small_phantom.ct, "Phantom")
     ct = sb.ct_from_volume_node(volume)
@@ -526,7 +526,7 @@ def test_worker_runs_out_of_process_and_result_lands_in_scene(scene, small_phant
 
 def test_worker_cancel_kills_process_and_leaves_scene_unchanged(scene, small_phantom):
     from CovidCTDxLib.pipeline import PipelineOptions
-    from CovidCTDxLib.worker import CANCELLED, WorkerJob
+    from CovidCTDxLib.app.worker import CANCELLED, WorkerJob
 
     volume = sb.volume_node_from_ct(scene, small_phantom.ct, "Phantom")
     before = _node_ids(scene)
@@ -546,7 +546,7 @@ def test_worker_cancel_kills_process_and_leaves_scene_unchanged(scene, small_pha
 
 def test_worker_reports_user_errors(tmp_path):
     from CovidCTDxLib.pipeline import PipelineOptions
-    from CovidCTDxLib.worker import FAILED, WorkerJob
+    from CovidCTDxLib.app.worker import FAILED, WorkerJob
 
     # Uniform soft tissue: a valid volume file, but no air → not a chest CT in HU.
     ct = CTVolume(np.zeros((20, 64, 64), np.int16), (3.0, 3.0, 5.0))
@@ -558,9 +558,9 @@ def test_worker_reports_user_errors(tmp_path):
 
 def test_headless_batch_over_a_folder(tmp_path, small_phantom):
     """Logic.processFolder's engine: every CT in a folder → one output folder; bad cases reported."""
-    from CovidCTDxLib.io import write_volume
+    from CovidCTDxLib.io.readers import write_volume
     from CovidCTDxLib.pipeline import PipelineOptions
-    from CovidCTDxLib.worker import process_folder
+    from CovidCTDxLib.app.worker import process_folder
 
     cases = tmp_path / "cases"
     cases.mkdir()

@@ -7,7 +7,7 @@ import SimpleITK as sitk
 
 from CovidCTDxLib.errors import LungsNotFoundError
 from CovidCTDxLib.result import LungMasks
-from CovidCTDxLib.slices import (
+from CovidCTDxLib.racnet.slice_selection import (
     DARK_HU,
     select_by_lungs,
     select_covid_ctset,
@@ -48,14 +48,14 @@ def _transpose_xz(ct: CTVolume, mask: np.ndarray = None):
 
 @pytest.fixture(scope="module")
 def covid_ct(covid_dicom_dir):
-    from CovidCTDxLib.io import read_ct
+    from CovidCTDxLib.io.readers import read_ct
 
     return read_ct(covid_dicom_dir)
 
 
 @pytest.fixture(scope="module")
 def a0001(a0001_nii, a0001_reference):
-    from CovidCTDxLib.io import read_ct
+    from CovidCTDxLib.io.readers import read_ct
 
     ct = read_ct(a0001_nii)
     lab = sitk.GetArrayFromImage(sitk.ReadImage(str(a0001_reference)))
@@ -64,7 +64,7 @@ def a0001(a0001_nii, a0001_reference):
 
 @pytest.fixture(scope="module")
 def phantom():
-    from CovidCTDxLib.phantom import make_phantom
+    from CovidCTDxLib.synthetic.phantom import make_phantom
 
     return make_phantom(kind="covid", severity="moderate", shape=(48, 112, 112), spacing=(3.2, 3.2, 6.0), seed=3)
 

@@ -7,7 +7,7 @@ import pytest
 from CovidCTDxLib.errors import LungsNotFoundError
 from CovidCTDxLib.result import LungZones
 from CovidCTDxLib.volume import CTVolume
-from CovidCTDxLib.zones import PERIPHERAL_THICKNESS_MM, compute_zones
+from CovidCTDxLib.lungs.zones import PERIPHERAL_THICKNESS_MM, compute_zones
 
 
 def _box_lungs(direction=np.eye(3)):

@@ -35,7 +35,7 @@ BUDGET_S, BUDGET_GB = 10.0, 4.0
 
 
 def _make_ct(shape, spacing, path: Path) -> None:
-    from CovidCTDxLib.phantom import make_phantom
+    from CovidCTDxLib.synthetic.phantom import make_phantom
 
     ph = make_phantom(kind="covid", severity="moderate", shape=shape, spacing=spacing, seed=5)
     np.savez(path, hu=ph.ct.array, right=ph.right_lung, left=ph.left_lung, spacing=np.array(spacing))
@@ -67,7 +67,7 @@ def _weights(tmp: Path) -> Path:
 
 
 def _run(ct_path: Path, weights: Path, window_scale: float, threads: int):
-    from CovidCTDxLib.inference import run_deepsc
+    from CovidCTDxLib.deepsc.inference import run_deepsc
 
     ct, lungs = _load(ct_path)
     t = time.perf_counter()
@@ -79,7 +79,7 @@ def _paper_window(ct_path: Path):
     """Time one paper-size window and count how many this scan needs."""
     import torch
 
-    from CovidCTDxLib.inference import Orientation, lung_box, model_grid_shape, plan_axis
+    from CovidCTDxLib.deepsc.inference import Orientation, lung_box, model_grid_shape, plan_axis
     from CovidCTDxLib.models.deepsc import DeepSCConfig, DeepSCCovid
 
     cfg = DeepSCConfig.paper()

@@ -17,19 +17,19 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from CovidCTDxLib.findings import compute_findings  # noqa: E402
-from CovidCTDxLib.lesions import detect_lesions, split_lesion_types  # noqa: E402
+from CovidCTDxLib.findings.metrics import compute_findings  # noqa: E402
+from CovidCTDxLib.lesions.density import detect_lesions, split_lesion_types  # noqa: E402
 from CovidCTDxLib.result import LesionMasks, LungMasks  # noqa: E402
 from CovidCTDxLib.volume import CTVolume  # noqa: E402
-from CovidCTDxLib.zones import compute_zones  # noqa: E402
+from CovidCTDxLib.lungs.zones import compute_zones  # noqa: E402
 
 COVID = Path(__file__).resolve().parents[2] / "shared" / "data" / "covid-ct-md-P001" / "dicom"
 
 
 def _case():
     if COVID.exists():
-        from CovidCTDxLib.io import read_ct
-        from CovidCTDxLib.lungs import segment_lungs
+        from CovidCTDxLib.io.readers import read_ct
+        from CovidCTDxLib.lungs.engine import segment_lungs
 
         ct = read_ct(COVID)
         lungs = segment_lungs(ct)
@@ -38,7 +38,7 @@ def _case():
         big = CTVolume(ct.array[idx], (sp[0], sp[1], sp[2] * ct.shape[0] / 300), ct.origin, ct.direction)
         z = np.zeros((300, 512, 512), bool)
         return "covid-ct-md P001 resampled", big, LungMasks(lungs.right[idx], lungs.left[idx], z, z)
-    from CovidCTDxLib.phantom import make_phantom
+    from CovidCTDxLib.synthetic.phantom import make_phantom
 
     p = make_phantom("covid", severity="moderate", shape=(300, 512, 512), spacing=(0.7, 0.7, 1.0))
     z = np.zeros(p.ct.shape, bool)

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _measure import measure, print_table  # noqa: E402
 
-from CovidCTDxLib.lungs import segment_lungs  # noqa: E402  (imported once: time the engine, not imports)
+from CovidCTDxLib.lungs.engine import segment_lungs  # noqa: E402  (imported once: time the engine, not imports)
 from CovidCTDxLib.volume import CTVolume  # noqa: E402
 
 SHAPE = (300, 512, 512)
@@ -32,7 +32,7 @@ SPACING = (0.7, 0.7, 1.0)
 
 
 def make_ct():
-    from CovidCTDxLib.phantom import make_phantom
+    from CovidCTDxLib.synthetic.phantom import make_phantom
 
     p = make_phantom(kind="covid", severity="moderate", shape=SHAPE, spacing=SPACING, seed=0)
     return p.ct, p.right_lung, p.left_lung
@@ -50,7 +50,7 @@ def run_engine(ct, right, left):
 def run_unet(ct, n_slices: int, wf: int):
     import torch
 
-    from CovidCTDxLib.lung_model import TorchLungModel, UNet2D
+    from CovidCTDxLib.lungs.model_hook import TorchLungModel, UNet2D
 
     torch.set_num_threads(2)
     torch.manual_seed(0)

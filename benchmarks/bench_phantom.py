@@ -36,7 +36,7 @@ CASES = [
 
 
 def run_phantom(kind, lvr, shape, spacing):
-    from CovidCTDxLib.phantom import make_phantom
+    from CovidCTDxLib.synthetic.phantom import make_phantom
 
     cpu0 = time.process_time()
     p = make_phantom(kind, lvr_percent=lvr, shape=shape, spacing=spacing, seed=0)
@@ -48,7 +48,7 @@ def run_phantom(kind, lvr, shape, spacing):
 def run_insert(kind, lvr):
     import SimpleITK as sitk
 
-    from CovidCTDxLib.phantom import insert_lesions
+    from CovidCTDxLib.synthetic.phantom import insert_lesions
     from CovidCTDxLib.volume import CTVolume
 
     root = Path(os.environ.get("COVIDCTDX_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))

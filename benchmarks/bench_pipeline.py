@@ -15,7 +15,7 @@ from _measure import measure, print_table  # noqa: E402
 
 
 def _run(shape, spacing):
-    from CovidCTDxLib.phantom import make_phantom
+    from CovidCTDxLib.synthetic.phantom import make_phantom
     from CovidCTDxLib.pipeline import run_pipeline
 
     ph = make_phantom(kind="covid", severity="moderate", shape=shape, spacing=spacing, seed=5)

@@ -26,7 +26,7 @@ BUDGET_S = 3.0
 def _run_demo(ct, lungs, threads, step_mm):
     import torch
 
-    from CovidCTDxLib.racnet_inference import load_racnet, prepare_scan, run_racnet
+    from CovidCTDxLib.racnet.inference import load_racnet, prepare_scan, run_racnet
     from CovidCTDxLib.weights import load_weights
 
     torch.set_num_threads(threads)
@@ -47,9 +47,9 @@ def _run_demo(ct, lungs, threads, step_mm):
 def _run_backbone(ct, lungs, threads, backbone):
     import torch
 
-    from CovidCTDxLib.anchors import compute_anchors
+    from CovidCTDxLib.racnet.anchors import compute_anchors
     from CovidCTDxLib.models.racnet import RACNet, RACNetConfig
-    from CovidCTDxLib.racnet_inference import SlicePrep, predict_stack, prepare_scan
+    from CovidCTDxLib.racnet.inference import SlicePrep, predict_stack, prepare_scan
 
     torch.set_num_threads(threads)
     t = time.perf_counter()
@@ -71,7 +71,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-resnet", action="store_true")
     a = ap.parse_args()
-    from CovidCTDxLib.phantom import make_phantom
+    from CovidCTDxLib.synthetic.phantom import make_phantom
     from CovidCTDxLib.result import LungMasks
 
     shape = tuple(int(v) for v in a.shape.split(","))

@@ -15,8 +15,8 @@ import numpy as np
 import slicer
 import vtk
 
-from CovidCTDxLib import slicer_bridge as sb
-from CovidCTDxLib.phantom import make_phantom
+from CovidCTDxLib.slicer_bridge import scene as sb
+from CovidCTDxLib.synthetic.phantom import make_phantom
 from CovidCTDxLib.result import LesionMasks, LungMasks, Result
 
 

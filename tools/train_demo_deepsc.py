@@ -1,7 +1,7 @@
 """Train the DeepSC-COVID demo weights on CPU, reproducibly, and state how long it took.
 
 Training data (all labels synthetic):
-- phantoms from ``CovidCTDxLib.phantom.make_phantom``, class-balanced (3 sets of 6 COVID-19,
+- phantoms from ``CovidCTDxLib.synthetic.phantom.make_phantom``, class-balanced (3 sets of 6 COVID-19,
   6 CAP, 6 normal; half the pneumonias mild, the rest moderate..critical) on a 64×144×144
   grid at 2.5×2.5×4 mm;
 - the real chest CT Lung-PET-CT-Dx A0001 (TCIA, CC BY 4.0) as is (non-pneumonia) and with
@@ -33,9 +33,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from CovidCTDxLib import __version__  # noqa: E402
-from CovidCTDxLib.inference import run_deepsc  # noqa: E402
+from CovidCTDxLib.deepsc.inference import run_deepsc  # noqa: E402
 from CovidCTDxLib.models.deepsc import ARCHITECTURE, ARCHITECTURE_VERSION, DeepSCConfig  # noqa: E402
-from CovidCTDxLib.phantom import KIND_LABELS, insert_lesions, make_phantom  # noqa: E402
+from CovidCTDxLib.synthetic.phantom import KIND_LABELS, insert_lesions, make_phantom  # noqa: E402
 from CovidCTDxLib.result import CLASS_KEYS, LungMasks  # noqa: E402
 from CovidCTDxLib.training import common  # noqa: E402
 from CovidCTDxLib.training.datasets import prepare_case  # noqa: E402
@@ -82,7 +82,7 @@ def real_ct_cases(config: DeepSCConfig):
     """A0001 as is and with inserted lesions (skipped when the shared data is absent)."""
     import SimpleITK as sitk
 
-    from CovidCTDxLib.io import read_ct
+    from CovidCTDxLib.io.readers import read_ct
 
     nii, ref = A0001 / "A0001_chest_ct.nii.gz", A0001 / "reference_lungs.nii.gz"
     if not (nii.exists() and ref.exists()):

@@ -26,8 +26,8 @@ log = logging.getLogger("train_demo_racnet")
 
 def held_out_metrics(path: Path, n: int) -> dict:
     """COVID accuracy and severity macro-F1 of ``run_racnet`` on ``n`` unseen phantoms."""
-    from CovidCTDxLib.phantom import make_phantom, severity_from_lvr
-    from CovidCTDxLib.racnet_inference import load_racnet, run_racnet
+    from CovidCTDxLib.synthetic.phantom import make_phantom, severity_from_lvr
+    from CovidCTDxLib.racnet.inference import load_racnet, run_racnet
     from CovidCTDxLib.result import SEVERITY_KEYS, LungMasks
     from CovidCTDxLib.training.common import accuracy, confusion_matrix, macro_f1
     from CovidCTDxLib.training.racnet_data import PHANTOM_CYCLE, PHANTOM_GEOMETRIES
@@ -67,7 +67,7 @@ def refresh_anchors(a: argparse.Namespace) -> None:
     """Recompute latent + input anchors of the weights at ``a.out`` from the training phantoms."""
     import torch
 
-    from CovidCTDxLib.racnet_inference import load_racnet, save_racnet_weights
+    from CovidCTDxLib.racnet.inference import load_racnet, save_racnet_weights
     from CovidCTDxLib.training.racnet_data import make_phantom_items
     from CovidCTDxLib.training.train_racnet import anchor_tensors
     from CovidCTDxLib.weights import load_weights
@@ -83,7 +83,7 @@ def refresh_anchors(a: argparse.Namespace) -> None:
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("CovidCTDxLib.phantom_lesions").setLevel(logging.WARNING)
+    logging.getLogger("CovidCTDxLib.synthetic.lesions").setLevel(logging.WARNING)
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--minutes", type=float, default=10.0, help="training wall-time cap (phantom generation excluded)")
     ap.add_argument("--phantoms", type=int, default=144)
@@ -101,7 +101,7 @@ def main() -> int:
     a = ap.parse_args()
 
     from CovidCTDxLib.training import train_racnet
-    from CovidCTDxLib.racnet_inference import save_racnet_weights
+    from CovidCTDxLib.racnet.inference import save_racnet_weights
     from CovidCTDxLib.weights import load_weights
 
     t0 = time.perf_counter()
@@ -114,7 +114,7 @@ def main() -> int:
             "--epochs", str(a.epochs), "--slice-size", str(a.slice_size), "--slice-step-mm", str(a.slice_step_mm),
             "--batch-size", "8", "--lr", "2e-3", "--threads", str(a.threads), *(["--cache", str(a.cache)] if a.cache else []),
             "--time-limit-min", str(a.minutes), "--out", str(work), "--weights-out", str(a.out),
-            "--training-data", f"synthetic phantoms (CovidCTDxLib.phantom; {a.phantoms} training + {a.val_phantoms} validation; "
+            "--training-data", f"synthetic phantoms (CovidCTDxLib.synthetic.phantom; {a.phantoms} training + {a.val_phantoms} validation; "
                                "severity from lesion volume ratio) — not for diagnosis",
         ])
         train_racnet.run(args)

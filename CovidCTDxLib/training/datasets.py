@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import InputError
-from ..inference import Orientation, PreparedScan, prepare_scan, slice_stack
+from ..deepsc.inference import Orientation, PreparedScan, prepare_scan, slice_stack
 from ..models.deepsc import DeepSCConfig
 from ..result import CLASS_KEYS
 from ..volume import CTVolume
@@ -196,7 +196,7 @@ def load_record(record: CaseRecord, config: DeepSCConfig, lung_fn: Optional[Call
     """
     import SimpleITK as sitk
 
-    from ..io import read_ct
+    from ..io.readers import read_ct
 
     ct = read_ct(record.image)
 
@@ -210,7 +210,7 @@ def load_record(record: CaseRecord, config: DeepSCConfig, lung_fn: Optional[Call
         lung = _mask(record.lungs)
     else:
         if lung_fn is None:
-            from ..lungs import segment_lungs
+            from ..lungs.engine import segment_lungs
 
             lung_fn = lambda c: segment_lungs(c).lungs  # noqa: E731
         lung = lung_fn(ct)
@@ -222,7 +222,7 @@ def load_record(record: CaseRecord, config: DeepSCConfig, lung_fn: Optional[Call
 
 def phantom_case(kind: str, severity: Optional[str], seed: int, config: DeepSCConfig, shape=(64, 160, 160), spacing=(2.2, 2.2, 4.0)) -> PreparedCase:
     """A synthetic phantom as a prepared case (uses the phantom's true lungs)."""
-    from ..phantom import KIND_LABELS, make_phantom
+    from ..synthetic.phantom import KIND_LABELS, make_phantom
 
     p = make_phantom(kind, severity, shape=shape, spacing=spacing, seed=seed)
     label = CLASS_KEYS.index(KIND_LABELS[kind])

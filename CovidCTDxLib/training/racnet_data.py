@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..racnet_inference import SlicePrep, prepare_scan
+from ..racnet.inference import SlicePrep, prepare_scan
 from ..result import SEVERITY_KEYS, LungMasks
 
 log = logging.getLogger(__name__)
@@ -187,8 +187,8 @@ def _lungs_from_labelmap(path: Path, like) -> LungMasks:
 
 def load_csv_scans(csv_path: Path, prep: SlicePrep, domain: int = 0) -> List[ScanItem]:
     """Scans listed in a CSV (``path,label[,severity][,lungs][,domain]``), prepared like inference."""
-    from ..io import read_ct
-    from ..lungs import segment_lungs
+    from ..io.readers import read_ct
+    from ..lungs.engine import segment_lungs
 
     csv_path = Path(csv_path)
     items: List[ScanItem] = []
@@ -220,7 +220,7 @@ PHANTOM_GEOMETRIES = ((PHANTOM_SHAPE, PHANTOM_SPACING), ((96, 192, 192), (2.0, 2
 
 def phantom_item(index: int, seed: int, prep: SlicePrep, shape=PHANTOM_SHAPE, spacing=PHANTOM_SPACING, domain: int = 0) -> ScanItem:
     """The ``index``-th phantom of the training mix, generated with ``seed``."""
-    from ..phantom import make_phantom, severity_from_lvr
+    from ..synthetic.phantom import make_phantom, severity_from_lvr
 
     kind, severity = PHANTOM_CYCLE[index % len(PHANTOM_CYCLE)]
     ph = make_phantom(kind=kind, severity=severity, shape=shape, spacing=spacing, seed=seed)
@@ -233,7 +233,8 @@ def phantom_item(index: int, seed: int, prep: SlicePrep, shape=PHANTOM_SHAPE, sp
 
 def _phantom_code_digest() -> str:
     """Digest of the phantom generator's source: a changed generator invalidates the cache."""
-    from .. import phantom, phantom_lesions
+    from ..synthetic import phantom
+    from ..synthetic import lesions as phantom_lesions
 
     h = hashlib.sha1()
     for mod in (phantom, phantom_lesions):

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 from .. import __version__
-from ..inference import infer_prepared
+from ..deepsc.inference import infer_prepared
 from ..models.deepsc import ARCHITECTURE, ARCHITECTURE_VERSION, DeepSCConfig, DeepSCCovid, DeepSCOutputs
 from ..result import CLASS_KEYS
 from ..weights import ModelCard, save_weights

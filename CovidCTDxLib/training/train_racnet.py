@@ -24,7 +24,7 @@ Resuming: ``checkpoint_NNN.pt`` (``training/common``) is written after every epo
 start over). Wall-time already spent is carried over, so ``--time-limit-min`` bounds the
 whole run.
 
-Distributed: ``torchrun --nproc_per_node=N -m CovidCTDxLib.cli train racnet …``; every
+Distributed: ``torchrun --nproc_per_node=N -m CovidCTDxLib.app.cli train racnet …``; every
 rank builds/loads its share of the scans, gradients are averaged by DDP, validation
 predictions are gathered, rank 0 writes checkpoints and weights.
 """
@@ -41,9 +41,9 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from ..anchors import INPUT_PREFIX, compute_anchors
+from ..racnet.anchors import INPUT_PREFIX, compute_anchors
 from ..models.racnet import ARCHITECTURE, ARCHITECTURE_VERSION, RACNet, RACNetConfig, racnet_losses
-from ..racnet_inference import SlicePrep, model_card_config, save_racnet_weights
+from ..racnet.inference import SlicePrep, model_card_config, save_racnet_weights
 from ..result import SEVERITY_KEYS
 from ..weights import ModelCard
 from . import common

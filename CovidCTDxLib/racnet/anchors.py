@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from scipy.cluster.vq import kmeans2
 
-from .errors import WeightsError
+from ..errors import WeightsError
 
 log = logging.getLogger(__name__)
 

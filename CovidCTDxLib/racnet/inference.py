@@ -33,12 +33,12 @@ import torch
 import torch.nn.functional as F
 
 from .anchors import INPUT_PREFIX, PREFIX as ANCHOR_PREFIX, Anchors
-from .errors import WeightsError
-from .models.racnet import ARCHITECTURE, ARCHITECTURE_VERSION, RACNet, RACNetConfig
-from .progress import Progress
-from .result import SEVERITY_KEYS, LungMasks, Severity
-from .slices import SliceSelection, body_mask, select_slices
-from .volume import LPS_LEFT, LPS_POSTERIOR, CTVolume
+from ..errors import WeightsError
+from ..models.racnet import ARCHITECTURE, ARCHITECTURE_VERSION, RACNet, RACNetConfig
+from ..progress import Progress
+from ..result import SEVERITY_KEYS, LungMasks, Severity
+from .slice_selection import SliceSelection, body_mask, select_slices
+from ..volume import LPS_LEFT, LPS_POSTERIOR, CTVolume
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +194,7 @@ def save_racnet_weights(path: Path, state: Mapping[str, torch.Tensor], card: Any
     length, so ~1 in 256 valid files would be refused. Until that check is fixed we pad the
     card's notes (which changes the header length) until the file starts differently.
     """
-    from .weights import save_weights
+    from ..weights import save_weights
 
     digest = save_weights(path, state, card)
     while Path(path).read_bytes()[:2] == b"PK" or Path(path).read_bytes()[:1] == b"\x80":

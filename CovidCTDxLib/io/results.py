@@ -17,10 +17,10 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from . import __version__
-from .io import write_segmentation, write_volume
-from .result import Result
-from .segments import SEGMENT_ORDER
+from .. import __version__
+from .readers import write_segmentation, write_volume
+from ..result import Result
+from ..segments import SEGMENT_ORDER
 
 FILES = ("segmentation.seg.nrrd", "evidence.nrrd", "results.json", "findings.csv", "report.md")
 
@@ -57,7 +57,7 @@ def results_dict(result: Result, source: str = "") -> Dict[str, Any]:
             lungs["weights"] = dict(result.lungs.model_provenance)
     findings: Optional[Dict[str, Any]] = None
     if result.findings is not None:
-        from .reading import read_findings
+        from ..findings.reading import read_findings
 
         findings = result.findings.to_dict()
         findings["lesion_source"] = result.lesions.source if result.lesions is not None else None

@@ -39,9 +39,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .errors import CovidCTDxError
-from .result import Classification, LesionMasks, LungMasks, Provenance, Result, Severity
-from .volume import CTVolume
+from ..errors import CovidCTDxError
+from ..result import Classification, LesionMasks, LungMasks, Provenance, Result, Severity
+from ..volume import CTVolume
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def options_to_dict(options) -> Dict[str, Any]:
 
 
 def options_from_dict(data: Dict[str, Any]):
-    from .pipeline import PipelineOptions
+    from ..pipeline import PipelineOptions
 
     paths = {k: (Path(data[k]) if data.get(k) else None) for k in ("weights_dir", "deepsc_weights", "racnet_weights", "lung_model")}
     return PipelineOptions(stages=tuple(data.get("stages", ())), lesion_source=data.get("lesion_source", "auto"), **paths)
@@ -78,7 +78,7 @@ def write_input(ct: CTVolume, path: Path) -> Path:
     """The CT as an uncompressed NRRD (LPS, like the reader expects); speed over size."""
     import SimpleITK as sitk
 
-    from .io import ct_to_image
+    from ..io.readers import ct_to_image
 
     sitk.WriteImage(ct_to_image(ct), str(path), useCompression=False)
     return path
@@ -92,9 +92,9 @@ def _emit(**event: Any) -> None:
 
 def run_job(input_path: Path, options_path: Path, output_dir: Path) -> int:
     """The child's work; returns the exit code (0 ok, 2 user-actionable error, 1 bug)."""
-    from .io import read_ct
-    from .outputs import write_outputs
-    from .pipeline import run_pipeline
+    from ..io.readers import read_ct
+    from ..io.results import write_outputs
+    from ..pipeline import run_pipeline
 
     try:
         options = options_from_dict(json.loads(Path(options_path).read_text()))
@@ -168,7 +168,7 @@ class WorkerJob:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PACKAGE_PARENT), env.get("PYTHONPATH", "")) if p)
         env["PYTHONUNBUFFERED"] = "1"
-        cmd = [self.python, "-m", "CovidCTDxLib.worker", "--input", str(self.work_dir / INPUT_NAME),
+        cmd = [self.python, "-m", "CovidCTDxLib.app.worker", "--input", str(self.work_dir / INPUT_NAME),
                "--options", str(self.work_dir / OPTIONS_NAME), "--output", str(self.output_dir)]
         log.info("Starting CovidCTDx worker: %s", " ".join(cmd))
         group = {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if os.name == "nt" else {"start_new_session": True}
@@ -303,7 +303,7 @@ def result_from_outputs(out_dir: Path, ct: CTVolume) -> Result:
     """Rebuild a Result (on ``ct``'s grid) from the files ``write_outputs`` produced."""
     import SimpleITK as sitk
 
-    from .io import read_segmentation
+    from ..io.readers import read_segmentation
 
     out_dir = Path(out_dir)
     payload = json.loads((out_dir / "results.json").read_text())
@@ -342,7 +342,7 @@ def result_from_outputs(out_dir: Path, ct: CTVolume) -> Result:
 # --------------------------------------------------------------------------- headless batch
 def find_ct_inputs(folder: Path) -> List[Path]:
     """CT files (NIfTI/NRRD/MHA) and DICOM series folders directly inside ``folder``."""
-    from .io import VOLUME_SUFFIXES
+    from ..io.readers import VOLUME_SUFFIXES
 
     inputs = []
     for path in sorted(Path(folder).iterdir()):
@@ -367,9 +367,9 @@ def process_folder(folder: Path, out_dir: Path, options=None, progress=None) -> 
 
     A case that fails (not a CT, no lungs...) is reported and skipped; the batch goes on.
     """
-    from .io import read_ct
-    from .outputs import write_outputs
-    from .pipeline import run_pipeline
+    from ..io.readers import read_ct
+    from ..io.results import write_outputs
+    from ..pipeline import run_pipeline
 
     inputs = find_ct_inputs(Path(folder))
     status: Dict[str, str] = {}

@@ -43,8 +43,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from scipy import ndimage
 
-from .errors import InputError, VolumeTooLargeError
-from .phantom_lesions import (
+from ..errors import InputError, VolumeTooLargeError
+from .lesions import (
     CONSOLIDATION,
     CRAZY_PAVING,
     GGO,
@@ -55,8 +55,8 @@ from .phantom_lesions import (
     smooth_noise,
     upsample_linear,
 )
-from .progress import Progress
-from .volume import CTVolume
+from ..progress import Progress
+from ..volume import CTVolume
 
 log = logging.getLogger(__name__)
 

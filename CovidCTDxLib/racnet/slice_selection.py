@@ -46,9 +46,9 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 from scipy import ndimage as ndi
 
-from .errors import LungsNotFoundError
-from .result import LungMasks
-from .volume import LPS_LEFT, LPS_POSTERIOR, LPS_SUPERIOR, CTVolume
+from ..errors import LungsNotFoundError
+from ..result import LungMasks
+from ..volume import LPS_LEFT, LPS_POSTERIOR, LPS_SUPERIOR, CTVolume
 
 log = logging.getLogger(__name__)
 

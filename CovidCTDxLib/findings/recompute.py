@@ -13,10 +13,10 @@ from typing import Dict, Mapping
 
 import numpy as np
 
-from .errors import InputError
-from .io import read_ct, read_segmentation
-from .result import LesionMasks, LungMasks, Result
-from .volume import CTVolume
+from ..errors import InputError
+from ..io.readers import read_ct, read_segmentation
+from ..result import LesionMasks, LungMasks, Result
+from ..volume import CTVolume
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +29,9 @@ def findings_from_masks(ct: CTVolume, masks: Mapping[str, np.ndarray], source: s
     erases its sub-types there); missing sub-types are split from HU. Without lung segments
     the lungs are masked again when ``remask_missing_lungs``, else the masks are refused.
     """
-    from .findings import compute_findings
-    from .lesions import split_lesion_types
-    from .zones import compute_zones
+    from .metrics import compute_findings
+    from ..lesions.density import split_lesion_types
+    from ..lungs.zones import compute_zones
 
     missing = [k for k in ("right_lung", "left_lung", "lesion") if k not in masks]
     if "lesion" in missing or (missing and not remask_missing_lungs):
@@ -42,7 +42,7 @@ def findings_from_masks(ct: CTVolume, masks: Mapping[str, np.ndarray], source: s
     result = Result(ct=ct)
     empty = np.zeros(ct.shape, dtype=bool)
     if missing:
-        from .lungs import segment_lungs
+        from ..lungs.engine import segment_lungs
 
         log.warning("%s has no right_lung/left_lung segments; masking lungs again.", source)
         result.lungs = segment_lungs(ct)
@@ -73,7 +73,7 @@ def result_from_segmentation(ct_path: Path, seg_path: Path) -> Result:
 
 
 def recompute_findings_files(ct_path: Path, seg_path: Path, out_dir: Path) -> Dict[str, Path]:
-    from .outputs import write_outputs
+    from ..io.results import write_outputs
 
     result = result_from_segmentation(ct_path, seg_path)
     return write_outputs(result, out_dir, source=str(ct_path))

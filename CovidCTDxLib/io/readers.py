@@ -17,9 +17,9 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import GeometryError, InputError, NotCTError, VolumeTooLargeError
-from .segments import SEGMENTS, SegmentSpec
-from .volume import CTVolume, validate_geometry
+from ..errors import GeometryError, InputError, NotCTError, VolumeTooLargeError
+from ..segments import SEGMENTS, SegmentSpec
+from ..volume import CTVolume, validate_geometry
 
 log = logging.getLogger(__name__)
 

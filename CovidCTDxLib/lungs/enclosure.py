@@ -58,7 +58,7 @@ import SimpleITK as sitk
 from scipy import ndimage as ndi
 from scipy.spatial import ConvexHull, QhullError
 
-from .coarse_grid import ball_kernel, bbox, block_mean, paste_nearest
+from ..grid import ball_kernel, bbox, block_mean, paste_nearest
 
 log = logging.getLogger(__name__)
 

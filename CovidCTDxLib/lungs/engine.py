@@ -6,7 +6,7 @@ the chest wall) has soft-tissue HU and would be cut out of the lung, which biase
 lesion metric downwards exactly on the sickest patients. So the aerated lung found by
 thresholding is only the *seed* of the lung mask; the mask is then completed by a
 rolling-ball closing against the pleura, axial hole filling, and a ray-enclosure fill
-(:mod:`CovidCTDxLib.lung_enclosure`) for dense disease walled in by its own lung and the
+(:mod:`CovidCTDxLib.lungs.enclosure`) for dense disease walled in by its own lung and the
 bony cage but open towards the mediastinum or the chest wall.
 
 Pipeline (all heavy steps on a coarse grid of ~1.5-2.5 mm voxels, then pasted back):
@@ -23,7 +23,7 @@ Pipeline (all heavy steps on a coarse grid of ~1.5-2.5 mm voxels, then pasted ba
 
 Left/right and head/feet are decided from ``CTVolume`` geometry, so flipped or rotated arrays
 work. The optional ``model`` argument swaps steps 2-5 for a neural network (see
-:mod:`CovidCTDxLib.lung_model`) while keeping the same outputs and post-processing.
+:mod:`CovidCTDxLib.lungs.model_hook`) while keeping the same outputs and post-processing.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ import SimpleITK as sitk
 from scipy import ndimage as ndi
 from skimage.segmentation import watershed
 
-from .coarse_grid import (
+from ..grid import (
     ball_kernel,
     ball_radius_vox,
     bbox,
@@ -44,14 +44,14 @@ from .coarse_grid import (
     paste_linear,
     paste_nearest,
 )
-from .errors import LungsNotFoundError
-from .lung_enclosure import bony_cage, enclosed_disease
-from .progress import Progress
-from .result import LungMasks
-from .volume import LPS_LEFT, LPS_POSTERIOR, LPS_SUPERIOR, CTVolume
+from ..errors import LungsNotFoundError
+from .enclosure import bony_cage, enclosed_disease
+from ..progress import Progress
+from ..result import LungMasks
+from ..volume import LPS_LEFT, LPS_POSTERIOR, LPS_SUPERIOR, CTVolume
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .lung_model import LungModel
+    from .model_hook import LungModel
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List
 
-from .result import CLASS_NAMES
+from ..result import CLASS_NAMES
 
 
 def _pct(p: float) -> str:

@@ -38,10 +38,10 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 from scipy import ndimage as ndi
 
-from .coarse_grid import bbox
-from .errors import InputError, LungsNotFoundError
-from .result import LesionMasks, LungMasks, LungZones
-from .volume import CTVolume
+from ..grid import bbox
+from ..errors import InputError, LungsNotFoundError
+from ..result import LesionMasks, LungMasks, LungZones
+from ..volume import CTVolume
 
 #: Components smaller than this (mL) are not counted as lesions (~ a 4.6 mm sphere).
 MIN_COUNTED_LESION_ML = 0.05
@@ -285,7 +285,7 @@ def compute_findings(
 
 
 def _zones(ct: CTVolume, lungs: LungMasks, thickness: Optional[float] = None) -> LungZones:
-    from .zones import PERIPHERAL_THICKNESS_MM, compute_zones
+    from ..lungs.zones import PERIPHERAL_THICKNESS_MM, compute_zones
 
     return compute_zones(ct, lungs.right, lungs.left, PERIPHERAL_THICKNESS_MM if thickness is None else thickness)
 

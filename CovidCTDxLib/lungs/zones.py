@@ -33,10 +33,10 @@ from typing import Tuple
 import numpy as np
 from scipy import ndimage as ndi
 
-from .coarse_grid import bbox
-from .errors import LungsNotFoundError
-from .result import LungZones
-from .volume import LPS_SUPERIOR, CTVolume
+from ..grid import bbox
+from ..errors import LungsNotFoundError
+from ..result import LungZones
+from ..volume import LPS_SUPERIOR, CTVolume
 
 log = logging.getLogger(__name__)
 

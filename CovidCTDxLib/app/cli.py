@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from . import __version__
-from .errors import CancelledError, CovidCTDxError
-from .progress import CancelToken
+from .. import __version__
+from ..errors import CancelledError, CovidCTDxError
+from ..progress import CancelToken
 
 log = logging.getLogger("covidctdx")
 
@@ -49,9 +49,9 @@ class ProgressPrinter:
 
 # --------------------------------------------------------------------------- commands
 def cmd_run(args: argparse.Namespace) -> int:
-    from .io import read_ct
-    from .outputs import write_outputs
-    from .pipeline import PipelineOptions, run_pipeline
+    from ..io.readers import read_ct
+    from ..io.results import write_outputs
+    from ..pipeline import PipelineOptions, run_pipeline
 
     ct = read_ct(args.ct_path, series_uid=args.series_uid)
     options = PipelineOptions(
@@ -92,8 +92,8 @@ def _summarise(results_json: Path) -> None:
 
 
 def cmd_phantom(args: argparse.Namespace) -> int:
-    from .io import write_segmentation, write_volume
-    from .phantom import make_phantom
+    from ..io.readers import write_segmentation, write_volume
+    from ..synthetic.phantom import make_phantom
 
     shape = tuple(int(v) for v in args.shape.split(",")) if args.shape else None
     spacing = tuple(float(v) for v in args.spacing.split(",")) if args.spacing else None
@@ -127,7 +127,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_findings(args: argparse.Namespace) -> int:
-    from .findings_from_files import recompute_findings_files
+    from ..findings.recompute import recompute_findings_files
 
     files = recompute_findings_files(Path(args.ct_path), Path(args.seg_path), Path(args.output))
     _summarise(files["results.json"])
@@ -136,9 +136,9 @@ def cmd_findings(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     if args.model == "deepsc":
-        from .training import train_deepsc as trainer
+        from ..training import train_deepsc as trainer
     else:
-        from .training import train_racnet as trainer
+        from ..training import train_racnet as trainer
     train_args = trainer.build_parser().parse_args(args.train_args)
     return int(trainer.run(train_args) or 0)
 

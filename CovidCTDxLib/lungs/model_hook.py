@@ -2,7 +2,7 @@
 
 Why a hook and not a bundled network: a lung U-Net worth using (e.g. lungmask's R231) is
 trained on thousands of annotated scans we cannot ship; users who have such weights can
-plug them in. :func:`CovidCTDxLib.lungs.segment_lungs` accepts any object with
+plug them in. :func:`CovidCTDxLib.lungs.engine.segment_lungs` accepts any object with
 ``predict(ct) -> labelmap`` (0 background, 1 right lung, 2 left lung; a 0/1 lung map also
 works) and re-decides right/left from patient coordinates, so a model trained on another
 orientation convention still gets sides right. An optional ``provenance() -> dict`` (weights
@@ -35,9 +35,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .errors import WeightsError
-from .volume import LPS_SUPERIOR, CTVolume
-from .weights import read_checked_safetensors, write_with_sha256_sidecar
+from ..errors import WeightsError
+from ..volume import LPS_SUPERIOR, CTVolume
+from ..weights import read_checked_safetensors, write_with_sha256_sidecar
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ class TorchLungModel:
             net.load_state_dict(state, strict=True)
         except (KeyError, RuntimeError, ValueError) as exc:
             raise WeightsError(
-                f"{name} does not hold a UNet2D lung model (see CovidCTDxLib.lung_model for the expected layout): {exc}"
+                f"{name} does not hold a UNet2D lung model (see CovidCTDxLib.lungs.model_hook for the expected layout): {exc}"
             ) from exc
         log.info("lung model %s: depth %d, wf %d, %d classes, sha256 %s", name, depth, wf, n_classes, checked.sha256[:12])
         model = cls(

@@ -62,10 +62,10 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage as ndi
 
-from .coarse_grid import ball_kernel, ball_radius_vox, bbox
-from .progress import Progress
-from .result import LesionMasks, LungMasks
-from .volume import LPS_POSTERIOR, CTVolume
+from ..grid import ball_kernel, ball_radius_vox, bbox
+from ..progress import Progress
+from ..result import LesionMasks, LungMasks
+from ..volume import LPS_POSTERIOR, CTVolume
 
 log = logging.getLogger(__name__)
 

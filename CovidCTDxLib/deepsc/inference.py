@@ -25,12 +25,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import LungsNotFoundError, WeightsError
-from .models.deepsc import ARCHITECTURE, DeepSCConfig, DeepSCCovid, evidence_map, lesion_probability
-from .progress import ProgressCallback
-from .result import CLASS_KEYS, LungMasks, Provenance
-from .volume import LPS_LEFT, LPS_POSTERIOR, LPS_SUPERIOR, CTVolume
-from .weights import LoadedWeights, load_weights
+from ..errors import LungsNotFoundError, WeightsError
+from ..models.deepsc import ARCHITECTURE, DeepSCConfig, DeepSCCovid, evidence_map, lesion_probability
+from ..progress import ProgressCallback
+from ..result import CLASS_KEYS, LungMasks, Provenance
+from ..volume import LPS_LEFT, LPS_POSTERIOR, LPS_SUPERIOR, CTVolume
+from ..weights import LoadedWeights, load_weights
 
 log = logging.getLogger(__name__)
 

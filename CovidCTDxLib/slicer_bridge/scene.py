@@ -24,11 +24,11 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .errors import GeometryError, InputError
-from .result import CLASS_KEYS, CLASS_NAMES, NOT_FOR_DIAGNOSIS, SEVERITY_KEYS, LungMasks, Provenance, Result
-from .outputs import json_safe, segmentation_masks
-from .segments import SEGMENTS, SegmentSpec
-from .volume import CTVolume
+from ..errors import GeometryError, InputError
+from ..result import CLASS_KEYS, CLASS_NAMES, NOT_FOR_DIAGNOSIS, SEVERITY_KEYS, LungMasks, Provenance, Result
+from ..io.results import json_safe, segmentation_masks
+from ..segments import SEGMENTS, SegmentSpec
+from ..volume import CTVolume
 
 logger = logging.getLogger(__name__)
 
@@ -623,7 +623,7 @@ def recompute_findings(scene, segmentation_node, volume_node, table_node=None):
     findings are computed before the scene is touched, so an error leaves an existing table
     as it was. Returns the (new or updated) findings table node.
     """
-    from .findings_from_files import findings_from_masks
+    from ..findings.recompute import findings_from_masks
 
     masks = masks_from_segmentation_node(segmentation_node, volume_node)
     ct = ct_from_volume_node(volume_node, copy=False)  # synchronous, read-only

@@ -1,0 +1,1 @@
+"""Front doors outside Slicer: the command line and the background worker protocol."""

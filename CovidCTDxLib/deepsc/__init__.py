@@ -1,0 +1,1 @@
+"""DeepSC-COVID inference: joint 3D lesion segmentation and scan classification."""

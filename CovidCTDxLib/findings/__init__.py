@@ -1,0 +1,1 @@
+"""Findings from masks: metrics, the rule-based reading, and recompute after an edit."""

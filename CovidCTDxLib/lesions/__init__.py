@@ -1,0 +1,1 @@
+"""Weight-free lesion detection: density engine and the ground-glass / consolidation split."""

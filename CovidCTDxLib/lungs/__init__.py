@@ -1,0 +1,1 @@
+"""Lung masking: right and left lung, airways, body, zones, and the neural lung model hook."""

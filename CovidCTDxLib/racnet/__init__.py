@@ -1,0 +1,1 @@
+"""RACNet inference: slice selection, routing over slices, severity and latent anchors."""

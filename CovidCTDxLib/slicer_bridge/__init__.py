@@ -1,0 +1,1 @@
+"""Results into MRML and back: geometry, segmentation, tables, scene transaction."""
