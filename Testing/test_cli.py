@@ -11,11 +11,12 @@ import pytest
 
 from CovidCTDxLib.app.cli import EXIT_USER_ERROR, main
 from CovidCTDxLib.errors import CancelledError
-from CovidCTDxLib.io.readers import read_ct, read_segmentation, write_segmentation, write_volume
-from CovidCTDxLib.synthetic.phantom import make_phantom
+from CovidCTDxLib.io.readers import read_ct
+from CovidCTDxLib.io.segmentation_file import read_segmentation, write_segmentation, write_volume
 from CovidCTDxLib.pipeline import PipelineOptions, run_pipeline
 from CovidCTDxLib.progress import CancelToken
 from CovidCTDxLib.result import CLASS_KEYS, NOT_FOR_DIAGNOSIS, SEVERITY_KEYS
+from CovidCTDxLib.synthetic.phantom import make_phantom
 
 SMALL = dict(shape=(72, 160, 160), spacing=(2.2, 2.2, 4.0))
 

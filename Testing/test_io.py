@@ -7,12 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from dicom_factory import write_series
 
 from CovidCTDxLib.errors import CovidCTDxError, GeometryError, InputError, NotCTError, VolumeTooLargeError
-from CovidCTDxLib.io.readers import read_ct, read_segmentation, write_segmentation, write_volume
+from CovidCTDxLib.io.readers import read_ct
+from CovidCTDxLib.io.segmentation_file import read_segmentation, write_segmentation, write_volume
 from CovidCTDxLib.volume import CTVolume
-
-from dicom_factory import write_series
 
 
 def tiny_chest(shape=(24, 96, 96), spacing=(2.5, 2.5, 3.0)) -> CTVolume:

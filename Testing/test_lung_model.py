@@ -14,7 +14,7 @@ import torch
 
 from CovidCTDxLib.app.cli import main
 from CovidCTDxLib.errors import WeightsError
-from CovidCTDxLib.io.readers import write_volume
+from CovidCTDxLib.io.segmentation_file import write_volume
 from CovidCTDxLib.lungs.model_hook import TorchLungModel, UNet2D
 from CovidCTDxLib.synthetic.phantom import make_phantom
 from CovidCTDxLib.pipeline import PipelineOptions, run_pipeline

@@ -288,7 +288,7 @@ def test_segmentation_records_which_lung_engine_and_weights_drew_the_lungs(scene
 
 
 def test_seg_nrrd_written_by_mrml_reads_back(scene, tmp_path):
-    from CovidCTDxLib.io.readers import read_segmentation
+    from CovidCTDxLib.io.segmentation_file import read_segmentation
 
     ct = make_ct(DIRECTIONS["oblique"])
     masks = make_masks(ct)
@@ -558,7 +558,7 @@ def test_worker_reports_user_errors(tmp_path):
 
 def test_headless_batch_over_a_folder(tmp_path, small_phantom):
     """Logic.processFolder's engine: every CT in a folder → one output folder; bad cases reported."""
-    from CovidCTDxLib.io.readers import write_volume
+    from CovidCTDxLib.io.segmentation_file import write_volume
     from CovidCTDxLib.pipeline import PipelineOptions
     from CovidCTDxLib.app.worker import process_folder
 

@@ -92,7 +92,7 @@ def _summarise(results_json: Path) -> None:
 
 
 def cmd_phantom(args: argparse.Namespace) -> int:
-    from ..io.readers import write_segmentation, write_volume
+    from ..io.segmentation_file import write_segmentation, write_volume
     from ..synthetic.phantom import make_phantom
 
     shape = tuple(int(v) for v in args.shape.split(",")) if args.shape else None

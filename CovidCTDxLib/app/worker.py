@@ -78,7 +78,7 @@ def write_input(ct: CTVolume, path: Path) -> Path:
     """The CT as an uncompressed NRRD (LPS, like the reader expects); speed over size."""
     import SimpleITK as sitk
 
-    from ..io.readers import ct_to_image
+    from ..io.segmentation_file import ct_to_image
 
     sitk.WriteImage(ct_to_image(ct), str(path), useCompression=False)
     return path
@@ -303,7 +303,7 @@ def result_from_outputs(out_dir: Path, ct: CTVolume) -> Result:
     """Rebuild a Result (on ``ct``'s grid) from the files ``write_outputs`` produced."""
     import SimpleITK as sitk
 
-    from ..io.readers import read_segmentation
+    from ..io.segmentation_file import read_segmentation
 
     out_dir = Path(out_dir)
     payload = json.loads((out_dir / "results.json").read_text())

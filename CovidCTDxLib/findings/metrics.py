@@ -38,8 +38,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 from scipy import ndimage as ndi
 
-from ..grid import bbox
 from ..errors import InputError, LungsNotFoundError
+from ..grid import bbox
 from ..result import LesionMasks, LungMasks, LungZones
 from ..volume import CTVolume
 

@@ -14,7 +14,8 @@ from typing import Dict, Mapping
 import numpy as np
 
 from ..errors import InputError
-from ..io.readers import read_ct, read_segmentation
+from ..io.readers import read_ct
+from ..io.segmentation_file import read_segmentation
 from ..result import LesionMasks, LungMasks, Result
 from ..volume import CTVolume
 
@@ -29,9 +30,9 @@ def findings_from_masks(ct: CTVolume, masks: Mapping[str, np.ndarray], source: s
     erases its sub-types there); missing sub-types are split from HU. Without lung segments
     the lungs are masked again when ``remask_missing_lungs``, else the masks are refused.
     """
-    from .metrics import compute_findings
     from ..lesions.density import split_lesion_types
     from ..lungs.zones import compute_zones
+    from .metrics import compute_findings
 
     missing = [k for k in ("right_lung", "left_lung", "lesion") if k not in masks]
     if "lesion" in missing or (missing and not remask_missing_lungs):

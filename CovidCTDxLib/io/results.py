@@ -18,9 +18,9 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from .. import __version__
-from .readers import write_segmentation, write_volume
 from ..result import Result
 from ..segments import SEGMENT_ORDER
+from .segmentation_file import write_segmentation, write_volume
 
 FILES = ("segmentation.seg.nrrd", "evidence.nrrd", "results.json", "findings.csv", "report.md")
 
