@@ -2,7 +2,7 @@
 
 Thin by design: the Widget wires the .ui to a parameter node, the Logic delegates to
 ``CovidCTDxLib`` (pipeline in a background ``PythonSlicer`` process, scene writing in
-``CovidCTDxLib.slicer_bridge.scene``). Everything heavy is imported lazily, so loading the
+``CovidCTDxLib.slicer_bridge``). Everything heavy is imported lazily, so loading the
 module never needs torch, and missing packages are installed only when the user
 confirms, on first use.
 """
@@ -489,35 +489,35 @@ class CovidCTDxLogic(ScriptedLoadableModuleLogic):
 
         Blocks until done (for scripts and tests); the GUI uses the background process
         instead. ``lungModel``: a lung U-Net .safetensors to use instead of the classical
-        lung engine. Returns ``CovidCTDxLib.slicer_bridge.scene.ResultNodes``.
+        lung engine. Returns ``CovidCTDxLib.slicer_bridge.scene_writer.ResultNodes``.
         """
-        from CovidCTDxLib.slicer_bridge import scene as slicer_bridge
         from CovidCTDxLib.pipeline import run_pipeline
+        from CovidCTDxLib.slicer_bridge import geometry, scene_writer
 
-        ct = slicer_bridge.ct_from_volume_node(volumeNode)
+        ct = geometry.ct_from_volume_node(volumeNode)
         result = run_pipeline(ct, self._options(stages, weightsDir, lungModel), progress=progressCallback)
-        return slicer_bridge.write_result_to_scene(slicer.mrmlScene, result, volumeNode, closed_surface=closedSurface)
+        return scene_writer.write_result_to_scene(slicer.mrmlScene, result, volumeNode, closed_surface=closedSurface)
 
     def startBackgroundProcessing(self, volumeNode, stages: Sequence[str] = STAGE_KEYS, weightsDir: Optional[str] = None,
                                   lungModel: Optional[str] = None):
         """Start the pipeline in a ``PythonSlicer`` process; poll the returned WorkerJob."""
-        from CovidCTDxLib.slicer_bridge import scene as slicer_bridge
         from CovidCTDxLib.app.worker import WorkerJob
+        from CovidCTDxLib.slicer_bridge import geometry
 
         python = shutil.which("PythonSlicer") or sys.executable
-        ct = slicer_bridge.ct_from_volume_node(volumeNode)
+        ct = geometry.ct_from_volume_node(volumeNode)
         return WorkerJob(ct, self._options(stages, weightsDir, lungModel), python=python).start()
 
     def finishBackgroundProcessing(self, job, volumeNode):
         """Bring a succeeded job's outputs into the scene (all or nothing)."""
-        from CovidCTDxLib.slicer_bridge import scene as slicer_bridge
+        from CovidCTDxLib.slicer_bridge import scene_writer
 
-        return slicer_bridge.write_result_to_scene(slicer.mrmlScene, job.result(), volumeNode)
+        return scene_writer.write_result_to_scene(slicer.mrmlScene, job.result(), volumeNode)
 
     def recomputeFindings(self, segmentationNode, volumeNode, tableNode=None):
-        from CovidCTDxLib.slicer_bridge import scene as slicer_bridge
+        from CovidCTDxLib.slicer_bridge import scene_writer
 
-        return slicer_bridge.recompute_findings(slicer.mrmlScene, segmentationNode, volumeNode, tableNode)
+        return scene_writer.recompute_findings(slicer.mrmlScene, segmentationNode, volumeNode, tableNode)
 
     def processFolder(self, folder: str, outDir: str, stages: Sequence[str] = STAGE_KEYS, weightsDir: Optional[str] = None,
                       progressCallback: Optional[Callable[[float, str], None]] = None,
@@ -542,11 +542,11 @@ class CovidCTDxLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def summary(parameterNode) -> Dict[str, str]:
         """One-line texts for the result panel, read back from the output nodes."""
-        from CovidCTDxLib.slicer_bridge import scene as slicer_bridge
         from CovidCTDxLib.result import CLASS_NAMES
+        from CovidCTDxLib.slicer_bridge import segmentation, tables
 
         text = {"classification": "–", "severity": "–", "metrics": "–", "provenance": ""}
-        prefix = slicer_bridge.ATTRIBUTE_PREFIX
+        prefix = segmentation.ATTRIBUTE_PREFIX
         table = parameterNode.outputClassificationTable if parameterNode else None
         if table is not None and table.GetAttribute(prefix + "label"):
             probs = json.loads(table.GetAttribute(prefix + "probabilities") or "{}")
@@ -559,7 +559,7 @@ class CovidCTDxLogic(ScriptedLoadableModuleLogic):
         if table is not None and table.GetAttribute(prefix + "label"):
             ood = table.GetAttribute(prefix + "out_of_distribution") == "true"
             text["severity"] = table.GetAttribute(prefix + "label") + (" (out of distribution: unreliable)" if ood else "")
-        findings = slicer_bridge.findings_from_table(parameterNode.outputFindingsTable if parameterNode else None)
+        findings = tables.findings_from_table(parameterNode.outputFindingsTable if parameterNode else None)
         if findings:
             shown = []
             for key, label, unit in (("lesion_count", "lesions", ""), ("lesion_volume_ml", "lesion volume", " mL"),

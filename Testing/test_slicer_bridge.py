@@ -19,7 +19,6 @@ import pytest
 slicer = pytest.importorskip("slicer")
 vtk = pytest.importorskip("vtk")
 
-from CovidCTDxLib.slicer_bridge import scene as sb  # noqa: E402
 from CovidCTDxLib.errors import GeometryError, InputError  # noqa: E402
 from CovidCTDxLib.result import (  # noqa: E402
     CLASS_KEYS,
@@ -33,6 +32,7 @@ from CovidCTDxLib.result import (  # noqa: E402
     Severity,
 )
 from CovidCTDxLib.segments import COVIDCTDX_CONTEXT, SEGMENTS  # noqa: E402
+from CovidCTDxLib.slicer_bridge import geometry, scene_writer, segmentation, tables  # noqa: E402
 from CovidCTDxLib.volume import LPS_LEFT, CTVolume  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -141,7 +141,7 @@ def _ijk_to_ras(node) -> np.ndarray:
 @pytest.mark.parametrize("kind", sorted(DIRECTIONS))
 def test_volume_round_trip_keeps_geometry(scene, kind):
     ct = make_ct(DIRECTIONS[kind])
-    node = sb.volume_node_from_ct(scene, ct, "CT")
+    node = geometry.volume_node_from_ct(scene, ct, "CT")
     expected = np.diag([-1.0, -1.0, 1.0, 1.0]) @ ct.index_to_lps_matrix()
     np.testing.assert_allclose(_ijk_to_ras(node), expected, atol=1e-9)
     # One voxel: MRML's RAS position is the CT's LPS position with x, y negated.
@@ -149,7 +149,7 @@ def test_volume_round_trip_keeps_geometry(scene, kind):
     ras = _ijk_to_ras(node) @ np.append(ijk, 1.0)
     lps = ct.index_to_lps(ijk)
     np.testing.assert_allclose(ras[:3], [-lps[0], -lps[1], lps[2]], atol=1e-9)
-    back = sb.ct_from_volume_node(node)
+    back = geometry.ct_from_volume_node(node)
     np.testing.assert_array_equal(back.array, ct.array)
     np.testing.assert_allclose(back.spacing, ct.spacing)
     np.testing.assert_allclose(back.origin, ct.origin, atol=1e-9)
@@ -181,7 +181,7 @@ def test_ct_from_node_matches_the_nrrd_mrml_writes(scene, kind, tmp_path):
     storage.SetFileName(str(path))
     assert storage.WriteData(node)
     reference = sitk.ReadImage(str(path))
-    got = sb.ct_from_volume_node(node)
+    got = geometry.ct_from_volume_node(node)
     np.testing.assert_array_equal(got.array, sitk.GetArrayFromImage(reference))
     np.testing.assert_allclose(got.spacing, reference.GetSpacing(), atol=1e-6)
     np.testing.assert_allclose(got.origin, reference.GetOrigin(), atol=1e-6)
@@ -190,13 +190,13 @@ def test_ct_from_node_matches_the_nrrd_mrml_writes(scene, kind, tmp_path):
 
 def test_linear_parent_transform_is_honoured(scene):
     ct = make_ct(np.eye(3))
-    node = sb.volume_node_from_ct(scene, ct, "CT")
+    node = geometry.volume_node_from_ct(scene, ct, "CT")
     transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
     shift = vtk.vtkMatrix4x4()
     shift.SetElement(0, 3, 10.0)  # 10 mm towards patient right (RAS +x)
     transform.SetMatrixTransformToParent(shift)
     node.SetAndObserveTransformNodeID(transform.GetID())
-    moved = sb.ct_from_volume_node(node)
+    moved = geometry.ct_from_volume_node(node)
     np.testing.assert_allclose(moved.origin, np.array(ct.origin) + [-10.0, 0.0, 0.0])
 
 
@@ -205,8 +205,8 @@ def test_linear_parent_transform_is_honoured(scene):
 def test_segmentation_matches_input_geometry(scene, kind):
     ct = make_ct(DIRECTIONS[kind])
     masks = make_masks(ct)
-    volume = sb.volume_node_from_ct(scene, ct, "CT")
-    nodes = sb.write_result_to_scene(scene, make_result(ct, masks), volume)
+    volume = geometry.volume_node_from_ct(scene, ct, "CT")
+    nodes = scene_writer.write_result_to_scene(scene, make_result(ct, masks), volume)
     seg_node = nodes.segmentation
     # Reference geometry is the input's grid.
     assert seg_node.GetNodeReferenceID(slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()) == volume.GetID()
@@ -224,7 +224,7 @@ def test_segmentation_matches_input_geometry(scene, kind):
     ijk = np.rint([sum(world_to_image.GetElement(r, c) * ras[c] for c in range(4)) for r in range(3)]).astype(int)
     assert labelmap.GetScalarComponentAsDouble(*ijk, 0) == 1
     # Masks come back identical, and the right lung is on the patient's right (RAS x larger).
-    back = sb.masks_from_segmentation_node(seg_node, volume)
+    back = segmentation.masks_from_segmentation_node(seg_node, volume)
     for name, mask in masks.items():
         np.testing.assert_array_equal(back[name], mask, err_msg=name)
     ras_x = lambda mask: np.mean((_ijk_to_ras(volume) @ np.c_[np.argwhere(mask)[:, ::-1], np.ones(mask.sum())].T)[0])  # noqa: E731
@@ -233,8 +233,8 @@ def test_segmentation_matches_input_geometry(scene, kind):
 
 def test_segments_ids_names_colours_terminology(scene):
     ct = make_ct(np.eye(3))
-    volume = sb.volume_node_from_ct(scene, ct, "CT")
-    seg_node = sb.write_result_to_scene(scene, make_result(ct, make_masks(ct)), volume).segmentation
+    volume = geometry.volume_node_from_ct(scene, ct, "CT")
+    seg_node = scene_writer.write_result_to_scene(scene, make_result(ct, make_masks(ct)), volume).segmentation
     segmentation = seg_node.GetSegmentation()
     ids = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
     assert ids == ["right_lung", "left_lung", "lesion", "ggo", "consolidation"]
@@ -273,18 +273,18 @@ def test_segments_ids_names_colours_terminology(scene):
 def test_segmentation_records_which_lung_engine_and_weights_drew_the_lungs(scene):
     ct = make_ct(DIRECTIONS["oblique"])
     masks = make_masks(ct)
-    volume = sb.volume_node_from_ct(scene, ct, "CT")
-    classical = sb.write_result_to_scene(scene, make_result(ct, masks), volume, closed_surface=False).segmentation
-    assert classical.GetAttribute(sb.ATTRIBUTE_PREFIX + "lungs.method") == "classical"
-    assert classical.GetAttribute(sb.ATTRIBUTE_PREFIX + "lungs.weights_sha256") is None
+    volume = geometry.volume_node_from_ct(scene, ct, "CT")
+    classical = scene_writer.write_result_to_scene(scene, make_result(ct, masks), volume, closed_surface=False).segmentation
+    assert classical.GetAttribute(segmentation.ATTRIBUTE_PREFIX + "lungs.method") == "classical"
+    assert classical.GetAttribute(segmentation.ATTRIBUTE_PREFIX + "lungs.weights_sha256") is None
     weights = {"model": "UNet2D lung model", "weights_file": "r231.safetensors", "weights_sha256": "cd" * 32,
                "training_data": "user-supplied; not validated by CovidCTDx"}
     result = make_result(ct, masks)
     result.lungs.method, result.lungs.model_provenance = "model:TorchLungModel", weights
-    neural = sb.write_result_to_scene(scene, result, volume, closed_surface=False).segmentation
-    assert neural.GetAttribute(sb.ATTRIBUTE_PREFIX + "lungs.method") == "model:TorchLungModel"
-    assert neural.GetAttribute(sb.ATTRIBUTE_PREFIX + "lungs.weights_sha256") == "cd" * 32
-    assert neural.GetAttribute(sb.ATTRIBUTE_PREFIX + "lungs.weights_file") == "r231.safetensors"
+    neural = scene_writer.write_result_to_scene(scene, result, volume, closed_surface=False).segmentation
+    assert neural.GetAttribute(segmentation.ATTRIBUTE_PREFIX + "lungs.method") == "model:TorchLungModel"
+    assert neural.GetAttribute(segmentation.ATTRIBUTE_PREFIX + "lungs.weights_sha256") == "cd" * 32
+    assert neural.GetAttribute(segmentation.ATTRIBUTE_PREFIX + "lungs.weights_file") == "r231.safetensors"
 
 
 def test_seg_nrrd_written_by_mrml_reads_back(scene, tmp_path):
@@ -292,8 +292,8 @@ def test_seg_nrrd_written_by_mrml_reads_back(scene, tmp_path):
 
     ct = make_ct(DIRECTIONS["oblique"])
     masks = make_masks(ct)
-    volume = sb.volume_node_from_ct(scene, ct, "CT")
-    seg_node = sb.write_result_to_scene(scene, make_result(ct, masks), volume, closed_surface=False).segmentation
+    volume = geometry.volume_node_from_ct(scene, ct, "CT")
+    seg_node = scene_writer.write_result_to_scene(scene, make_result(ct, masks), volume, closed_surface=False).segmentation
     path = tmp_path / "edited.seg.nrrd"
     storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
     storage.SetFileName(str(path))
@@ -302,7 +302,7 @@ def test_seg_nrrd_written_by_mrml_reads_back(scene, tmp_path):
     reader = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
     reader.SetFileName(str(path))
     assert reader.ReadData(reread)
-    back = sb.masks_from_segmentation_node(reread, volume)
+    back = segmentation.masks_from_segmentation_node(reread, volume)
     assert reread.GetSegmentation().GetSegment("lesion").GetTerminology() == SEGMENTS["lesion"].terminology_entry()
     # The CLI's reader (covidctdx findings) understands the file Slicer saves.
     cli = read_segmentation(path, ct)
@@ -315,13 +315,13 @@ def test_masks_are_resampled_onto_a_differently_indexed_reference(scene):
     """Same physical voxels, i axis reversed: exercises the resampling path, not the fast paste."""
     ct = make_ct(np.eye(3))
     masks = make_masks(ct)
-    volume = sb.volume_node_from_ct(scene, ct, "CT")
-    seg_node = sb.write_result_to_scene(scene, make_result(ct, masks), volume, closed_surface=False).segmentation
+    volume = geometry.volume_node_from_ct(scene, ct, "CT")
+    seg_node = scene_writer.write_result_to_scene(scene, make_result(ct, masks), volume, closed_surface=False).segmentation
     nx = ct.shape[2]
     origin = np.array(ct.origin) + np.array([(nx - 1) * ct.spacing[0], 0.0, 0.0])
     mirrored = CTVolume(ct.array[:, :, ::-1].copy(), ct.spacing, tuple(origin), np.diag([-1.0, 1.0, 1.0]))
-    reference = sb.volume_node_from_ct(scene, mirrored, "CT mirrored index")
-    back = sb.masks_from_segmentation_node(seg_node, reference)
+    reference = geometry.volume_node_from_ct(scene, mirrored, "CT mirrored index")
+    back = segmentation.masks_from_segmentation_node(seg_node, reference)
     for name, mask in masks.items():
         np.testing.assert_array_equal(back[name], mask[:, :, ::-1], err_msg=name)
 
@@ -329,9 +329,9 @@ def test_masks_are_resampled_onto_a_differently_indexed_reference(scene):
 # --------------------------------------------------------------------------- tables, evidence, hierarchy
 def test_tables_columns_units_and_provenance(scene):
     ct = make_ct(np.eye(3))
-    volume = sb.volume_node_from_ct(scene, ct, "CT")
+    volume = geometry.volume_node_from_ct(scene, ct, "CT")
     result = make_result(ct, make_masks(ct))
-    nodes = sb.write_result_to_scene(scene, result, volume, closed_surface=False)
+    nodes = scene_writer.write_result_to_scene(scene, result, volume, closed_surface=False)
 
     table = nodes.classification_table
     assert [table.GetColumnName(i) for i in range(table.GetNumberOfColumns())] == ["class", "key", "probability", "predicted"]
@@ -359,39 +359,39 @@ def test_tables_columns_units_and_provenance(scene):
     assert findings.GetCellText(0, 0) == "lesion_volume_ml" and findings.GetCellText(0, 2) == "mL"
     assert float(findings.GetCellText(0, 1)) == pytest.approx(1.25)
     assert findings.GetColumnDescription("definition")
-    assert sb.findings_from_table(findings)["lesion_count"] == 1
+    assert tables.findings_from_table(findings)["lesion_count"] == 1
 
 
 def test_evidence_volume_on_input_grid_with_colour_map(scene):
     ct = make_ct(DIRECTIONS["flipped"])
-    volume = sb.volume_node_from_ct(scene, ct, "CT")
+    volume = geometry.volume_node_from_ct(scene, ct, "CT")
     result = make_result(ct, make_masks(ct))
-    evidence = sb.write_result_to_scene(scene, result, volume, closed_surface=False).evidence_volume
+    evidence = scene_writer.write_result_to_scene(scene, result, volume, closed_surface=False).evidence_volume
     np.testing.assert_allclose(_ijk_to_ras(evidence), _ijk_to_ras(volume))
-    np.testing.assert_array_equal(sb.ct_from_volume_node(evidence).array, result.evidence)
+    np.testing.assert_array_equal(geometry.ct_from_volume_node(evidence).array, result.evidence)
     display = evidence.GetDisplayNode()
     assert display.GetColorNode() is not None
-    assert display.GetApplyThreshold() and display.GetLowerThreshold() == pytest.approx(sb.EVIDENCE_DISPLAY_THRESHOLD)
+    assert display.GetApplyThreshold() and display.GetLowerThreshold() == pytest.approx(scene_writer.EVIDENCE_DISPLAY_THRESHOLD)
 
 
 def test_outputs_are_placed_under_the_input_study(scene):
     ct = make_ct(np.eye(3))
-    volume = sb.volume_node_from_ct(scene, ct, "CT")
+    volume = geometry.volume_node_from_ct(scene, ct, "CT")
     sh = scene.GetSubjectHierarchyNode()
     patient = sh.CreateSubjectItem(sh.GetSceneItemID(), "Patient")
     study = sh.CreateStudyItem(patient, "Chest CT study")
     sh.CreateItem(study, volume)
-    nodes = sb.write_result_to_scene(scene, make_result(ct, make_masks(ct)), volume, closed_surface=False)
+    nodes = scene_writer.write_result_to_scene(scene, make_result(ct, make_masks(ct)), volume, closed_surface=False)
     for node in nodes.nodes():
         assert sh.GetItemParent(sh.GetItemByDataNode(node)) == study, node.GetName()
 
 
 def test_absent_stages_create_no_nodes(scene):
     ct = make_ct(np.eye(3))
-    volume = sb.volume_node_from_ct(scene, ct, "CT")
+    volume = geometry.volume_node_from_ct(scene, ct, "CT")
     masks = make_masks(ct)
     result = make_result(ct, masks, lesions=None, classification=None, severity=None, findings=None, evidence=None)
-    nodes = sb.write_result_to_scene(scene, result, volume, closed_surface=False)
+    nodes = scene_writer.write_result_to_scene(scene, result, volume, closed_surface=False)
     assert nodes.nodes() == [nodes.segmentation]
     segmentation = nodes.segmentation.GetSegmentation()
     assert [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())] == ["right_lung", "left_lung"]
@@ -409,7 +409,7 @@ class ExplodingFindings(TableFindings):
 )
 def test_failure_mid_run_leaves_scene_unchanged(scene, failure):
     ct = make_ct(DIRECTIONS["oblique"])
-    volume = sb.volume_node_from_ct(scene, ct, "CT")
+    volume = geometry.volume_node_from_ct(scene, ct, "CT")
     masks = make_masks(ct)
     if failure == "mask_wrong_shape":  # lungs are already written when the ggo fails
         result = make_result(ct, masks, lesions=LesionMasks(masks["lesion"], ggo=np.zeros((3, 3, 3), bool)))
@@ -424,7 +424,7 @@ def test_failure_mid_run_leaves_scene_unchanged(scene, failure):
     sh = scene.GetSubjectHierarchyNode()
     items_before = sh.GetNumberOfItems()
     with pytest.raises(expected):
-        sb.write_result_to_scene(scene, result, volume)
+        scene_writer.write_result_to_scene(scene, result, volume)
     assert _node_ids(scene) == before
     assert sh.GetNumberOfItems() == items_before
 
@@ -432,13 +432,13 @@ def test_failure_mid_run_leaves_scene_unchanged(scene, failure):
 # --------------------------------------------------------------------------- edit → recompute
 def _erase_half_of_lesion(seg_node, volume) -> np.ndarray:
     """What a Segment Editor 'Erase' does: replace the segment's labelmap through the API."""
-    masks = sb.masks_from_segmentation_node(seg_node, volume)
+    masks = segmentation.masks_from_segmentation_node(seg_node, volume)
     lesion = masks["lesion"].copy()
     zz = np.nonzero(lesion)[0]
     lesion[zz.min() + (zz.max() - zz.min() + 1) // 2 :] = False
     edited = slicer.vtkOrientedImageData()
-    edited.ShallowCopy(sb._image_data(lesion.astype(np.uint8)))
-    edited.SetImageToWorldMatrix(sb._numpy_to_matrix(sb.ijk_to_ras(volume)))
+    edited.ShallowCopy(geometry.image_data(lesion.astype(np.uint8)))
+    edited.SetImageToWorldMatrix(geometry.numpy_to_matrix(geometry.ijk_to_ras(volume)))
     assert slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
         edited, seg_node, "lesion", slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
     return lesion
@@ -447,11 +447,11 @@ def _erase_half_of_lesion(seg_node, volume) -> np.ndarray:
 def test_edit_then_masks_follow(scene):
     ct = make_ct(DIRECTIONS["oblique"])
     masks = make_masks(ct)
-    volume = sb.volume_node_from_ct(scene, ct, "CT")
-    seg_node = sb.write_result_to_scene(scene, make_result(ct, masks), volume).segmentation
+    volume = geometry.volume_node_from_ct(scene, ct, "CT")
+    seg_node = scene_writer.write_result_to_scene(scene, make_result(ct, masks), volume).segmentation
     lesion = _erase_half_of_lesion(seg_node, volume)
     assert lesion.sum() == masks["lesion"].sum() // 2
-    back = sb.masks_from_segmentation_node(seg_node, volume)
+    back = segmentation.masks_from_segmentation_node(seg_node, volume)
     np.testing.assert_array_equal(back["lesion"], lesion)
     np.testing.assert_array_equal(back["right_lung"], masks["right_lung"])  # other segments untouched
 
@@ -459,15 +459,15 @@ def test_edit_then_masks_follow(scene):
 def test_edit_then_recompute_halves_lesion_volume(scene):
     ct = make_ct(np.eye(3))
     masks = make_masks(ct)
-    volume = sb.volume_node_from_ct(scene, ct, "CT")
-    seg_node = sb.write_result_to_scene(scene, make_result(ct, masks, findings=None), volume).segmentation
-    table = sb.recompute_findings(scene, seg_node, volume)
-    before = sb.findings_from_table(table)["lesion_volume_ml"]
+    volume = geometry.volume_node_from_ct(scene, ct, "CT")
+    seg_node = scene_writer.write_result_to_scene(scene, make_result(ct, masks, findings=None), volume).segmentation
+    table = scene_writer.recompute_findings(scene, seg_node, volume)
+    before = tables.findings_from_table(table)["lesion_volume_ml"]
     assert before == pytest.approx(masks["lesion"].sum() * ct.voxel_volume_ml, abs=1e-3)  # findings round to µL
     _erase_half_of_lesion(seg_node, volume)
-    same_table = sb.recompute_findings(scene, seg_node, volume, table)
+    same_table = scene_writer.recompute_findings(scene, seg_node, volume, table)
     assert same_table is table
-    after = sb.findings_from_table(table)["lesion_volume_ml"]
+    after = tables.findings_from_table(table)["lesion_volume_ml"]
     assert after == pytest.approx(before / 2, abs=1e-3)
     names = [table.GetCellText(r, 0) for r in range(table.GetNumberOfRows())]
     row = names.index("lesion_volume_ml")
@@ -477,12 +477,12 @@ def test_edit_then_recompute_halves_lesion_volume(scene):
 
 def test_recompute_without_lesion_segment_is_refused_and_changes_nothing(scene):
     ct = make_ct(np.eye(3))
-    volume = sb.volume_node_from_ct(scene, ct, "CT")
+    volume = geometry.volume_node_from_ct(scene, ct, "CT")
     result = make_result(ct, make_masks(ct), lesions=None, findings=None)
-    seg_node = sb.write_result_to_scene(scene, result, volume, closed_surface=False).segmentation
+    seg_node = scene_writer.write_result_to_scene(scene, result, volume, closed_surface=False).segmentation
     before = _node_ids(scene)
     with pytest.raises(InputError, match="lesion"):
-        sb.recompute_findings(scene, seg_node, volume)
+        scene_writer.recompute_findings(scene, seg_node, volume)
     assert _node_ids(scene) == before
 
 
@@ -495,17 +495,17 @@ def small_phantom():
 
 
 def test_worker_runs_out_of_process_and_result_lands_in_scene(scene, small_phantom):
-    from CovidCTDxLib.pipeline import PipelineOptions
     from CovidCTDxLib.app.worker import SUCCEEDED, WorkerJob
+    from CovidCTDxLib.pipeline import PipelineOptions
 
-    volume = sb.volume_node_from_ct(scene, small_phantom.ct, "Phantom")
-    ct = sb.ct_from_volume_node(volume)
+    volume = geometry.volume_node_from_ct(scene, small_phantom.ct, "Phantom")
+    ct = geometry.ct_from_volume_node(volume)
     job = WorkerJob(ct, PipelineOptions(stages=("lungs", "findings"))).start()
     try:
         assert job.wait(timeout=240) == SUCCEEDED, job.error
         assert job.fraction == pytest.approx(1.0)
         result = job.result()
-        nodes = sb.write_result_to_scene(scene, result, volume, closed_surface=False)
+        nodes = scene_writer.write_result_to_scene(scene, result, volume, closed_surface=False)
     finally:
         job.cleanup()
     # Findings travel through findings.csv/results.json into the table, units included.
@@ -514,9 +514,9 @@ def test_worker_runs_out_of_process_and_result_lands_in_scene(scene, small_phant
     assert rows["lesion_volume_ml"][1] == "mL"
     assert float(rows["lesion_volume_ml"][0]) == pytest.approx(result.findings.to_dict()["lesion_volume_ml"])
     # ...and recomputing from the segmentation in the scene gives the same lesion volume.
-    recomputed = sb.findings_from_table(sb.recompute_findings(scene, nodes.segmentation, volume))
+    recomputed = tables.findings_from_table(scene_writer.recompute_findings(scene, nodes.segmentation, volume))
     assert recomputed["lesion_volume_ml"] == pytest.approx(result.findings.to_dict()["lesion_volume_ml"], rel=0.02)
-    masks = sb.masks_from_segmentation_node(nodes.segmentation, volume)
+    masks = segmentation.masks_from_segmentation_node(nodes.segmentation, volume)
     # The worker's lungs overlap the phantom's true lungs, on the right side each.
     for side, truth in (("right_lung", small_phantom.right_lung), ("left_lung", small_phantom.left_lung)):
         dice = 2 * np.sum(masks[side] & truth) / (masks[side].sum() + truth.sum())
@@ -525,12 +525,12 @@ def test_worker_runs_out_of_process_and_result_lands_in_scene(scene, small_phant
 
 
 def test_worker_cancel_kills_process_and_leaves_scene_unchanged(scene, small_phantom):
-    from CovidCTDxLib.pipeline import PipelineOptions
     from CovidCTDxLib.app.worker import CANCELLED, WorkerJob
+    from CovidCTDxLib.pipeline import PipelineOptions
 
-    volume = sb.volume_node_from_ct(scene, small_phantom.ct, "Phantom")
+    volume = geometry.volume_node_from_ct(scene, small_phantom.ct, "Phantom")
     before = _node_ids(scene)
-    job = WorkerJob(sb.ct_from_volume_node(volume), PipelineOptions(stages=("lungs",))).start()
+    job = WorkerJob(geometry.ct_from_volume_node(volume), PipelineOptions(stages=("lungs",))).start()
     try:
         job.cancel()
         assert job.wait(timeout=30) == CANCELLED
@@ -545,8 +545,8 @@ def test_worker_cancel_kills_process_and_leaves_scene_unchanged(scene, small_pha
 
 
 def test_worker_reports_user_errors(tmp_path):
-    from CovidCTDxLib.pipeline import PipelineOptions
     from CovidCTDxLib.app.worker import FAILED, WorkerJob
+    from CovidCTDxLib.pipeline import PipelineOptions
 
     # Uniform soft tissue: a valid volume file, but no air → not a chest CT in HU.
     ct = CTVolume(np.zeros((20, 64, 64), np.int16), (3.0, 3.0, 5.0))
@@ -558,9 +558,9 @@ def test_worker_reports_user_errors(tmp_path):
 
 def test_headless_batch_over_a_folder(tmp_path, small_phantom):
     """Logic.processFolder's engine: every CT in a folder → one output folder; bad cases reported."""
+    from CovidCTDxLib.app.worker import process_folder
     from CovidCTDxLib.io.segmentation_file import write_volume
     from CovidCTDxLib.pipeline import PipelineOptions
-    from CovidCTDxLib.app.worker import process_folder
 
     cases = tmp_path / "cases"
     cases.mkdir()

@@ -15,9 +15,9 @@ import numpy as np
 import slicer
 import vtk
 
-from CovidCTDxLib.slicer_bridge import scene as sb
-from CovidCTDxLib.synthetic.phantom import make_phantom
 from CovidCTDxLib.result import LesionMasks, LungMasks, Result
+from CovidCTDxLib.slicer_bridge import geometry, scene_writer, segmentation
+from CovidCTDxLib.synthetic.phantom import make_phantom
 
 
 def timed(label, fn, rows):
@@ -58,14 +58,14 @@ def main() -> None:
     result = Result(ct=ct, lungs=LungMasks(phantom.right_lung, phantom.left_lung, phantom.airways, empty),
                     lesions=LesionMasks(phantom.lesion, ggo, phantom.lesion & (phantom.lesion_type == 3)))
     scene = slicer.vtkMRMLScene()
-    volume = timed("CTVolume → volume node", lambda: sb.volume_node_from_ct(scene, ct, "CT"), rows)
-    timed("volume node → CTVolume", lambda: sb.ct_from_volume_node(volume), rows)
-    timed("Result → scene (no 3D surfaces)", lambda: sb.write_result_to_scene(scene, result, volume, closed_surface=False), rows)
-    nodes = timed("Result → scene (with 3D surfaces)", lambda: sb.write_result_to_scene(scene, result, volume), rows)
-    ours = timed("segmentation → masks (bridge)", lambda: sb.masks_from_segmentation_node(nodes.segmentation, volume), rows)
+    volume = timed("CTVolume → volume node", lambda: geometry.volume_node_from_ct(scene, ct, "CT"), rows)
+    timed("volume node → CTVolume", lambda: geometry.ct_from_volume_node(volume), rows)
+    timed("Result → scene (no 3D surfaces)", lambda: scene_writer.write_result_to_scene(scene, result, volume, closed_surface=False), rows)
+    nodes = timed("Result → scene (with 3D surfaces)", lambda: scene_writer.write_result_to_scene(scene, result, volume), rows)
+    ours = timed("segmentation → masks (bridge)", lambda: segmentation.masks_from_segmentation_node(nodes.segmentation, volume), rows)
     ref = timed("segmentation → masks (Slicer's export per segment)", lambda: slicer_way_masks(scene, nodes.segmentation, volume), rows)
     assert all(np.array_equal(ours[k], ref[k]) for k in ref)
-    timed("edit → recompute findings table", lambda: sb.recompute_findings(scene, nodes.segmentation, volume), rows)
+    timed("edit → recompute findings table", lambda: scene_writer.recompute_findings(scene, nodes.segmentation, volume), rows)
 
     print(f"shape (z, y, x) = {tuple(args.shape)}")
     print(f"{'step':55s} {'seconds':>8s}")

@@ -1,0 +1,151 @@
+"""Table nodes for the classification, severity and findings, each carrying its provenance.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..io.results import json_safe
+from ..result import CLASS_KEYS, CLASS_NAMES, NOT_FOR_DIAGNOSIS, SEVERITY_KEYS, Provenance
+from .geometry import import_vtk
+from .segmentation import ATTRIBUTE_PREFIX
+
+
+# --------------------------------------------------------------------------- tables
+def _column(values: Sequence[Any], kind: str, name: str):
+    vtk, _ = import_vtk()
+    array = vtk.vtkStringArray() if kind == "string" else vtk.vtkDoubleArray()
+    array.SetName(name)
+    for v in values:
+        if kind == "string":
+            array.InsertNextValue("" if v is None else str(v))
+        else:
+            array.InsertNextValue(float("nan") if v is None else float(v))
+    return array
+
+
+def fill_table(table_node, columns: Sequence[Tuple[str, str, str, str]], rows: Sequence[Sequence[Any]]) -> None:
+    """Replace a table node's content.
+
+    ``columns``: (name, "string"|"double", unit, description); ``rows``: one value per
+    column. Units and descriptions go into the table's schema, so Slicer shows them and
+    saves them to the .schema.tsv next to the .tsv.
+    """
+    table_node.RemoveAllColumns()
+    for index, (name, kind, unit, description) in enumerate(columns):
+        table_node.AddColumn(_column([row[index] for row in rows], kind, name))
+        if unit:
+            table_node.SetColumnUnitLabel(name, unit)
+        if description:
+            table_node.SetColumnDescription(name, description)
+    table_node.Modified()
+
+
+def _table(scene, name: str, columns, rows, attributes: Mapping[str, Any], description: str = ""):
+    node = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
+    fill_table(node, columns, rows)
+    for key, value in attributes.items():
+        node.SetAttribute(ATTRIBUTE_PREFIX + key, value if isinstance(value, str) else json.dumps(value))
+    if description:
+        node.SetDescription(description)
+    return node
+
+
+def _provenance_attributes(provenance: Provenance) -> Dict[str, Any]:
+    return {f"weights.{k}": v for k, v in provenance.to_dict().items()}
+
+
+def _provenance_text(provenance: Provenance) -> str:
+    text = (
+        f"Model {provenance.model}; weights {provenance.weights_file} (SHA-256 {provenance.weights_sha256}); "
+        f"trained on {provenance.training_data}; CovidCTDx {provenance.project_version}."
+    )
+    return f"{text} {NOT_FOR_DIAGNOSIS}." if provenance.not_for_diagnosis else text
+
+
+def _title(base: str, provenance: Provenance) -> str:
+    return f"{base} ({NOT_FOR_DIAGNOSIS})" if provenance.not_for_diagnosis else base
+
+
+CLASSIFICATION_COLUMNS = (
+    ("class", "string", "", "Scan-level class (DeepSC-COVID)"),
+    ("key", "string", "", "Machine-readable class key"),
+    ("probability", "double", "", "Softmax probability, 0..1"),
+    ("predicted", "string", "", "'yes' for the predicted class"),
+)
+SEVERITY_COLUMNS = (
+    ("severity", "string", "", "Severity grade (RACNet)"),
+    ("probability", "double", "", "Probability of this grade, 0..1"),
+    ("predicted", "string", "", "'yes' for the predicted grade"),
+    ("nearest_anchor_distance", "double", "", "Latent distance to the nearest anchor of this grade (smaller = more typical)"),
+)
+FINDINGS_COLUMNS = (
+    ("name", "string", "", "Metric"),
+    ("value", "double", "", "Value (see unit)"),
+    ("unit", "string", "", "Unit of the value"),
+    ("definition", "string", "", "How the metric is computed"),
+)
+
+
+def classification_table(scene, classification, name: str):
+    rows = [
+        (CLASS_NAMES[k], k, classification.probabilities.get(k), "yes" if k == classification.label else "")
+        for k in CLASS_KEYS
+    ]
+    attributes = {"label": classification.label, "probabilities": dict(classification.probabilities)}
+    attributes.update(_provenance_attributes(classification.provenance))
+    return _table(scene, _title(name, classification.provenance), CLASSIFICATION_COLUMNS, rows, attributes,
+                  _provenance_text(classification.provenance))
+
+
+def severity_table(scene, severity, name: str):
+    nearest: Dict[str, float] = {}
+    for anchor in severity.anchors:
+        key = str(anchor.get("class"))
+        distance = float(anchor.get("distance", np.nan))
+        nearest[key] = min(distance, nearest.get(key, np.inf))
+    rows = [
+        (k, severity.probabilities.get(k), "yes" if k == severity.label else "", nearest.get(k))
+        for k in SEVERITY_KEYS
+    ]
+    attributes = {
+        "label": severity.label,
+        "probabilities": dict(severity.probabilities),
+        "covid_probability": severity.covid_probability,
+        "out_of_distribution": "true" if severity.out_of_distribution else "false",
+        "anchors": list(severity.anchors),
+        "slices_used": severity.slices_used,
+    }
+    attributes.update(_provenance_attributes(severity.provenance))
+    title = _title(name, severity.provenance)
+    if severity.out_of_distribution:
+        title += " [OUT OF DISTRIBUTION]"
+    description = _provenance_text(severity.provenance)
+    if severity.out_of_distribution:
+        description = "The scan is far from every training anchor: the severity is unreliable. " + description
+    return _table(scene, title, SEVERITY_COLUMNS, rows, attributes, description)
+
+
+def findings_rows(findings) -> List[Tuple[str, Optional[float], str, str]]:
+    rows = []
+    for name, value, unit, definition in findings.rows():
+        rows.append((name, None if value is None else float(value), unit or "", definition or ""))
+    return rows
+
+
+def write_findings_table(scene, findings, name: str, table_node=None):
+    """Fill (or create) a findings table: one row per metric with unit and definition."""
+    rows = findings_rows(findings)  # evaluated before touching the scene
+    if table_node is None:
+        table_node = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
+    fill_table(table_node, FINDINGS_COLUMNS, rows)
+    table_node.SetAttribute(ATTRIBUTE_PREFIX + "findings", json.dumps(json_safe(findings.to_dict())))
+    return table_node
+
+
+def findings_from_table(table_node) -> Dict[str, Any]:
+    """The findings dict stored on a findings table (for summaries)."""
+    text = table_node.GetAttribute(ATTRIBUTE_PREFIX + "findings") if table_node is not None else None
+    return json.loads(text) if text else {}
