@@ -15,9 +15,10 @@ import torch
 from CovidCTDxLib.app.cli import main
 from CovidCTDxLib.errors import WeightsError
 from CovidCTDxLib.io.segmentation_file import write_volume
-from CovidCTDxLib.lungs.model_hook import TorchLungModel, UNet2D
-from CovidCTDxLib.synthetic.phantom import make_phantom
+from CovidCTDxLib.lungs.model_hook import TorchLungModel
+from CovidCTDxLib.models.lung_unet import UNet2D
 from CovidCTDxLib.pipeline import PipelineOptions, run_pipeline
+from CovidCTDxLib.synthetic.phantom import make_phantom
 from CovidCTDxLib.training.common import dice_score
 from CovidCTDxLib.weights import file_sha256, sha256_sidecar
 

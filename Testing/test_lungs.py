@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from CovidCTDxLib.errors import CancelledError, LungsNotFoundError, WeightsError
-from CovidCTDxLib.lungs.model_hook import TorchLungModel, UNet2D
 from CovidCTDxLib.lungs.engine import segment_lungs
+from CovidCTDxLib.lungs.model_hook import TorchLungModel
+from CovidCTDxLib.models.lung_unet import UNet2D
 from CovidCTDxLib.progress import CancelToken, Progress
 from CovidCTDxLib.training.common import dice_score
 from CovidCTDxLib.volume import CTVolume

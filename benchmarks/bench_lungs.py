@@ -18,7 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -50,7 +49,8 @@ def run_engine(ct, right, left):
 def run_unet(ct, n_slices: int, wf: int):
     import torch
 
-    from CovidCTDxLib.lungs.model_hook import TorchLungModel, UNet2D
+    from CovidCTDxLib.lungs.model_hook import TorchLungModel
+    from CovidCTDxLib.models.lung_unet import UNet2D
 
     torch.set_num_threads(2)
     torch.manual_seed(0)
