@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
-
 from .errors import CovidCTDxError
 from .progress import CancelToken, Progress, ProgressCallback
 from .result import Classification, LesionMasks, Result

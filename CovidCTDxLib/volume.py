@@ -38,6 +38,53 @@ LPS_POSTERIOR = np.array([0.0, 1.0, 0.0])
 LPS_SUPERIOR = np.array([0.0, 0.0, 1.0])
 
 
+
+def axis_for_direction(direction: np.ndarray, patient_axis: np.ndarray) -> Tuple[int, int]:
+    """(array axis 0=z/1=y/2=x, sign) of the index axis of ``direction`` closest to an LPS axis."""
+    cos = np.asarray(direction, dtype=float).reshape(3, 3).T @ patient_axis  # per index axis i, j, k
+    index_axis = int(np.argmax(np.abs(cos)))
+    sign = 1 if cos[index_axis] > 0 else -1
+    return 2 - index_axis, sign
+
+
+@dataclass(frozen=True)
+class CanonicalFrame:
+    """How a stored (z, y, x) array maps to the canonical axial array, and back.
+
+    Canonical: axis 0 towards superior, 1 towards posterior, 2 towards patient left, i.e. the
+    array of an identity-direction LPS scan. Why one frame for every stage: slice-wise work
+    (lungs, DeepSC-COVID's training geometry, the phantom's anatomy) then never depends on how
+    the file stored its axes, and a flipped or rotated scan still gets the patient's left lung
+    labelled left. Views only (transpose + reversed slices) on the way in.
+    """
+
+    perm: Tuple[int, int, int]
+    flips: Tuple[bool, bool, bool]
+
+    @classmethod
+    def for_direction(cls, direction: np.ndarray) -> "CanonicalFrame":
+        """The array axes (and senses) closest to superior, posterior and left."""
+        axes = [axis_for_direction(direction, d) for d in (LPS_SUPERIOR, LPS_POSTERIOR, LPS_LEFT)]
+        perm = tuple(a for a, _ in axes)
+        if sorted(perm) != [0, 1, 2]:  # degenerate (45° oblique): keep the stored order
+            return cls((0, 1, 2), (False, False, False))
+        return cls(perm, tuple(sign < 0 for _, sign in axes))  # type: ignore[arg-type]
+
+    def to_canonical(self, a: np.ndarray) -> np.ndarray:
+        """A view of ``a`` in the canonical frame (no copy)."""
+        v = a.transpose(self.perm)
+        return v[tuple(slice(None, None, -1) if f else slice(None) for f in self.flips)]
+
+    def from_canonical(self, a: np.ndarray) -> np.ndarray:
+        """A canonical-frame array back in the stored axis order, as a contiguous array."""
+        v = a[tuple(slice(None, None, -1) if f else slice(None) for f in self.flips)]
+        return np.ascontiguousarray(v.transpose([self.perm.index(i) for i in range(3)]))
+
+    def spacing_zyx(self, ct: "CTVolume") -> Tuple[float, float, float]:
+        """Voxel size (mm) along the canonical axes (superior, posterior, left)."""
+        s = ct.spacing_zyx
+        return tuple(float(s[p]) for p in self.perm)  # type: ignore[return-value]
+
 @dataclass
 class CTVolume:
     """A CT image in HU with its patient-space geometry.
@@ -99,10 +146,11 @@ class CTVolume:
         towards ``patient_axis``. Why: lets stages that work slice-wise (axial slices,
         left/right split) find the right array axis on any orientation.
         """
-        cos = self.direction.T @ patient_axis  # per index axis i, j, k
-        index_axis = int(np.argmax(np.abs(cos)))
-        sign = 1 if cos[index_axis] > 0 else -1
-        return 2 - index_axis, sign
+        return axis_for_direction(self.direction, patient_axis)
+
+    def canonical_frame(self) -> "CanonicalFrame":
+        """The view of this array in the canonical (superior, posterior, left) frame."""
+        return CanonicalFrame.for_direction(self.direction)
 
     def lps_coordinate(self, patient_axis: np.ndarray) -> np.ndarray:
         """Broadcastable array of each voxel's position (mm) along an LPS direction.

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
+from CovidCTDxLib.deepsc.inference import plan_axis, prepare_scan, run_deepsc, window_starts
 from CovidCTDxLib.errors import LungsNotFoundError, WeightsError
-from CovidCTDxLib.deepsc.inference import Orientation, plan_axis, prepare_scan, run_deepsc, window_starts
 from CovidCTDxLib.models.deepsc import ARCHITECTURE, ARCHITECTURE_VERSION, DeepSCConfig, DeepSCCovid
 from CovidCTDxLib.result import CLASS_KEYS, NOT_FOR_DIAGNOSIS, LungMasks
 from CovidCTDxLib.volume import CTVolume
@@ -74,13 +74,6 @@ def test_flipped_scan_gives_flipped_outputs(random_weights, small_ct):
     assert np.allclose(out.lesion_probability[:, ::-1, ::-1], ref.lesion_probability, atol=1e-4)
     for k in CLASS_KEYS:
         assert out.probabilities[k] == pytest.approx(ref.probabilities[k], abs=1e-5)
-
-
-def test_orientation_round_trip():
-    ct = CTVolume(np.zeros((4, 5, 6), np.int16), (1, 1, 1), direction=np.array([[0, 0, -1], [1, 0, 0], [0, -1, 0]], float))
-    o = Orientation.of(ct)
-    a = np.arange(120).reshape(4, 5, 6)
-    assert np.array_equal(o.from_canonical(o.to_canonical(a)), a)
 
 
 def test_no_lungs_is_a_clear_error(random_weights, small_ct):

@@ -29,7 +29,7 @@ from ..errors import LungsNotFoundError, WeightsError
 from ..models.deepsc import ARCHITECTURE, DeepSCConfig, DeepSCCovid, evidence_map, lesion_probability
 from ..progress import ProgressCallback
 from ..result import CLASS_KEYS, LungMasks, Provenance
-from ..volume import LPS_LEFT, LPS_POSTERIOR, LPS_SUPERIOR, CTVolume
+from ..volume import CTVolume
 from ..weights import LoadedWeights, load_weights
 
 log = logging.getLogger(__name__)
@@ -37,46 +37,6 @@ log = logging.getLogger(__name__)
 #: Lung bounding box margin: keeps pleural-based lesions away from the crop border.
 BOX_MARGIN_MM = 6.0
 WINDOW_BATCH = 4
-
-
-# ============================================================================ orientation
-@dataclass(frozen=True)
-class Orientation:
-    """How to view a (z, y, x) array in the canonical frame: axis 0 → superior, axis 1 →
-    posterior, axis 2 → patient left (identity-direction LPS), which is what the model saw
-    in training."""
-
-    perm: Tuple[int, int, int]
-    flip: Tuple[bool, bool, bool]
-
-    @classmethod
-    def of(cls, ct: CTVolume) -> "Orientation":
-        axes, flips = [], []
-        for patient_axis in (LPS_SUPERIOR, LPS_POSTERIOR, LPS_LEFT):
-            a, sign = ct.axis_for(patient_axis)
-            axes.append(a)
-            flips.append(sign < 0)
-        if sorted(axes) != [0, 1, 2]:  # oblique beyond 45°: keep the array as is
-            return cls((0, 1, 2), (False, False, False))
-        return cls(tuple(axes), tuple(flips))  # type: ignore[arg-type]
-
-    def to_canonical(self, a: np.ndarray) -> np.ndarray:
-        v = np.transpose(a, self.perm)
-        for ax, f in enumerate(self.flip):
-            if f:
-                v = np.flip(v, axis=ax)
-        return v
-
-    def from_canonical(self, a: np.ndarray) -> np.ndarray:
-        v = a
-        for ax, f in enumerate(self.flip):
-            if f:
-                v = np.flip(v, axis=ax)
-        return np.transpose(v, np.argsort(self.perm))
-
-    def spacing_zyx(self, ct: CTVolume) -> Tuple[float, float, float]:
-        s = ct.spacing_zyx
-        return tuple(s[p] for p in self.perm)  # type: ignore[return-value]
 
 
 # ============================================================================ preprocessing
@@ -361,7 +321,7 @@ def run_deepsc(
         progress(0.0, "Loading DeepSC-COVID")
     model, loaded = load_model(weights)
     cfg = model.config
-    orient = Orientation.of(ct)
+    orient = ct.canonical_frame()
     hu = orient.to_canonical(ct.array)
     lung = orient.to_canonical(lungs.lungs)
     spacing = orient.spacing_zyx(ct)
@@ -382,8 +342,8 @@ def run_deepsc(
             evidence = _to_ct_grid(ev_model, scan, lung)
     finally:
         torch.set_num_threads(prev_threads)
-    prob_ct = np.ascontiguousarray(orient.from_canonical(prob))
-    ev_ct = np.ascontiguousarray(orient.from_canonical(evidence))
+    prob_ct = orient.from_canonical(prob)
+    ev_ct = orient.from_canonical(evidence)
     mask = prob_ct >= threshold
     probabilities = {k: float(p) for k, p in zip(CLASS_KEYS, cls_probs)}
     seconds = time.perf_counter() - t0

@@ -36,6 +36,7 @@ import SimpleITK as sitk
 from scipy import ndimage as ndi
 from skimage.segmentation import watershed
 
+from ..errors import LungsNotFoundError
 from ..grid import (
     ball_kernel,
     ball_radius_vox,
@@ -44,11 +45,10 @@ from ..grid import (
     paste_linear,
     paste_nearest,
 )
-from ..errors import LungsNotFoundError
-from .enclosure import bony_cage, enclosed_disease
 from ..progress import Progress
 from ..result import LungMasks
-from ..volume import LPS_LEFT, LPS_POSTERIOR, LPS_SUPERIOR, CTVolume
+from ..volume import LPS_LEFT, CanonicalFrame, CTVolume
+from .enclosure import bony_cage, enclosed_disease
 
 if TYPE_CHECKING:  # pragma: no cover
     from .model_hook import LungModel
@@ -159,9 +159,9 @@ def segment_lungs(
     """
     report = progress or Progress()
     report(0.0, "Lung masking: preparing")
-    frame = _frame(ct)
+    frame = ct.canonical_frame()
     hu = frame.to_canonical(ct.array)
-    spacing_zyx = tuple(np.asarray(ct.spacing_zyx)[list(frame.perm)])
+    spacing_zyx = frame.spacing_zyx(ct)
     grid = _make_grid(spacing_zyx)
     coarse = block_mean(hu, grid.factors)
     report(0.1, "Lung masking: body")
@@ -214,36 +214,6 @@ def segment_lungs(
 
 
 # --------------------------------------------------------------------------- geometry
-@dataclass
-class _Frame:
-    """How the full CT array maps to the canonical axial array used internally.
-
-    Canonical: axis 0 towards superior, 1 towards posterior, 2 towards patient left, so
-    per-slice steps are axial and "larger x" means "more to the patient's left" whatever
-    the stored orientation. Built from views (transpose + reversed slices), no copies.
-    """
-
-    perm: Tuple[int, int, int]
-    flips: Tuple[bool, bool, bool]
-
-    def to_canonical(self, a: np.ndarray) -> np.ndarray:
-        v = a.transpose(self.perm)
-        return v[tuple(slice(None, None, -1) if f else slice(None) for f in self.flips)]
-
-    def from_canonical(self, a: np.ndarray) -> np.ndarray:
-        v = a[tuple(slice(None, None, -1) if f else slice(None) for f in self.flips)]
-        return np.ascontiguousarray(v.transpose([self.perm.index(i) for i in range(3)]))
-
-
-def _frame(ct: CTVolume) -> _Frame:
-    """Find the array axes (and their senses) closest to superior, posterior and left."""
-    axes = [ct.axis_for(d) for d in (LPS_SUPERIOR, LPS_POSTERIOR, LPS_LEFT)]
-    perm = tuple(a for a, _ in axes)
-    if sorted(perm) != [0, 1, 2]:  # degenerate (45° oblique): keep the stored order
-        return _Frame((0, 1, 2), (False, False, False))
-    return _Frame(perm, tuple(sign < 0 for _, sign in axes))
-
-
 def _make_grid(spacing_zyx) -> _Grid:
     fz = max(1, int(round(COARSE_Z_MM / spacing_zyx[0])))
     fy = max(1, int(round(COARSE_INPLANE_MM / spacing_zyx[1])))
@@ -457,7 +427,7 @@ class _SideNamer:
     the centroid in patient space is the ground truth for which side a lung is on.
     """
 
-    def __init__(self, ct: CTVolume, frame: _Frame, grid: _Grid) -> None:
+    def __init__(self, ct: CTVolume, frame: CanonicalFrame, grid: _Grid) -> None:
         self.ct, self.frame, self.grid = ct, frame, grid
 
     def left_mm(self, mask: np.ndarray) -> float:
@@ -633,7 +603,7 @@ def _close_mm(mask: np.ndarray, radius_mm: float, spacing_zyx) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- model hook
-def _model_lungs(model, ct: CTVolume, frame: _Frame, grid: _Grid) -> np.ndarray:
+def _model_lungs(model, ct: CTVolume, frame: CanonicalFrame, grid: _Grid) -> np.ndarray:
     """Run a neural lung model and bring its lung union to the coarse canonical grid."""
     pred = np.asarray(model.predict(ct))
     if pred.shape != ct.shape:

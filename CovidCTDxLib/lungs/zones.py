@@ -33,8 +33,8 @@ from typing import Tuple
 import numpy as np
 from scipy import ndimage as ndi
 
-from ..grid import bbox
 from ..errors import LungsNotFoundError
+from ..grid import bbox
 from ..result import LungZones
 from ..volume import LPS_SUPERIOR, CTVolume
 

@@ -32,13 +32,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .anchors import INPUT_PREFIX, PREFIX as ANCHOR_PREFIX, Anchors
 from ..errors import WeightsError
 from ..models.racnet import ARCHITECTURE, ARCHITECTURE_VERSION, RACNet, RACNetConfig
 from ..progress import Progress
 from ..result import SEVERITY_KEYS, LungMasks, Severity
-from .slice_selection import SliceSelection, body_mask, select_slices
 from ..volume import LPS_LEFT, LPS_POSTERIOR, CTVolume
+from .anchors import INPUT_PREFIX, Anchors
+from .anchors import PREFIX as ANCHOR_PREFIX
+from .slice_selection import SliceSelection, body_mask, select_slices
 
 log = logging.getLogger(__name__)
 

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..deepsc.inference import PreparedScan, prepare_scan, slice_stack
 from ..errors import InputError
-from ..deepsc.inference import Orientation, PreparedScan, prepare_scan, slice_stack
 from ..models.deepsc import DeepSCConfig
 from ..result import CLASS_KEYS
 from ..volume import CTVolume
@@ -172,7 +172,7 @@ def prepare_case(
     config: DeepSCConfig,
 ) -> PreparedCase:
     """Canonicalise orientation and prepare CT + masks exactly like inference."""
-    orient = Orientation.of(ct)
+    orient = ct.canonical_frame()
     hu = orient.to_canonical(ct.array)
     lung_c = orient.to_canonical(np.asarray(lung, bool))
     extras = {"lesion": orient.to_canonical(np.asarray(lesion, bool))} if lesion is not None else {}

@@ -233,8 +233,8 @@ def phantom_item(index: int, seed: int, prep: SlicePrep, shape=PHANTOM_SHAPE, sp
 
 def _phantom_code_digest() -> str:
     """Digest of the phantom generator's source: a changed generator invalidates the cache."""
-    from ..synthetic import phantom
     from ..synthetic import lesions as phantom_lesions
+    from ..synthetic import phantom
 
     h = hashlib.sha1()
     for mod in (phantom, phantom_lesions):

@@ -41,8 +41,8 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from ..racnet.anchors import INPUT_PREFIX, compute_anchors
 from ..models.racnet import ARCHITECTURE, ARCHITECTURE_VERSION, RACNet, RACNetConfig, racnet_losses
+from ..racnet.anchors import INPUT_PREFIX, compute_anchors
 from ..racnet.inference import SlicePrep, model_card_config, save_racnet_weights
 from ..result import SEVERITY_KEYS
 from ..weights import ModelCard
@@ -52,8 +52,8 @@ from .racnet_data import (
     ScanItem,
     collate,
     iterate_batches,
-    load_csv_scans,
     load_cov19_ct_db,
+    load_csv_scans,
     make_phantom_items,
 )
 
