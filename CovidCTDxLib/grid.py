@@ -1,6 +1,9 @@
 """Moving masks and images between a full-resolution grid and a coarser one by whole-voxel
 factors, bounding boxes, and SimpleITK's ball kernel for scipy morphology.
 
+Also mm-radius binary morphology (SimpleITK ball kernels on scipy), per-slice hole filling and
+small-component removal, computed on bounding boxes.
+
 Shared by the lung engine (its ~2.5 mm working grid), its enclosure fill (a ~5 mm ray
 grid), the lesion engine, zones and findings, so all of them shrink, paste back and crop
 the same way.
@@ -11,6 +14,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
+from scipy import ndimage as ndi
 
 
 def block_mean(image: np.ndarray, factors: Sequence[int]) -> np.ndarray:
@@ -131,4 +135,94 @@ def paste_linear(mask: np.ndarray, shape, factors: Sequence[int]) -> np.ndarray:
     zz, yy, xx = (np.broadcast_to(a, (len(values), f[0], f[1], f[2])).reshape(len(values), -1) for a in (zz, yy, xx))
     valid = (zz >= 0) & (yy >= 0) & (xx >= 0) & (zz < shape[0]) & (yy < shape[1]) & (xx < shape[2])
     out[zz[valid], yy[valid], xx[valid]] = inside[valid]
+    return out
+
+
+# ----------------------------------------------------------------- mm-radius binary morphology
+def ball_mm(spacing_zyx: Sequence[float], radius_mm: float) -> np.ndarray:
+    """SimpleITK's ball of ``radius_mm`` (anisotropy-aware voxel radii) as a scipy structure."""
+    return ball_kernel(ball_radius_vox(radius_mm, spacing_zyx))
+
+
+def _grown_box(mask: np.ndarray, pad: Sequence[int]) -> Optional[Tuple[slice, slice, slice]]:
+    return bbox(mask, [int(p) for p in pad])
+
+
+def dilate_mm(mask: np.ndarray, spacing_zyx: Sequence[float], radius_mm: float) -> np.ndarray:
+    """Binary dilation by a ball of ``radius_mm``, computed on the mask's bounding box grown by
+    the radius only (most masks here are small next to the array, so this is the cost)."""
+    ball = ball_mm(spacing_zyx, radius_mm)
+    r = (np.array(ball.shape) - 1) // 2
+    box = _grown_box(mask, r)
+    out = np.zeros(mask.shape, bool)
+    if box is not None:
+        out[box] = ndi.binary_dilation(mask[box], structure=ball)
+    return out
+
+
+def opening_mm(mask: np.ndarray, spacing_zyx: Sequence[float], radius_mm: float) -> np.ndarray:
+    """Binary opening by a ball of ``radius_mm``, restricted to ``mask``.
+
+    Beyond the *array* faces counts as foreground for the erosion (a structure cut off by the
+    scan's field of view is not eroded from the cut), anywhere else background; computed on
+    the bounding box grown by the radius, with the same result as on the whole array.
+    """
+    ball = ball_mm(spacing_zyx, radius_mm)
+    r = (np.array(ball.shape) - 1) // 2
+    box = _grown_box(mask, r)
+    out = np.zeros(mask.shape, bool)
+    if box is None:
+        return out
+    crop = mask[box]
+    # pad by the radius: ones at array faces (border_value=1 of a full-array erosion), zeros inside
+    pads = [(int(ri), int(ri)) for ri in r]
+    values = [(int(sl.start == 0), int(sl.stop == n)) for sl, n in zip(box, mask.shape)]
+    padded = np.pad(crop, pads, constant_values=values)
+    inner = tuple(slice(p[0], p[0] + n) for p, n in zip(pads, crop.shape))
+    eroded = np.zeros(padded.shape, bool)  # the dilation sees background beyond the faces
+    eroded[inner] = ndi.binary_erosion(padded, structure=ball, border_value=1)[inner]
+    out[box] = ndi.binary_dilation(eroded, structure=ball)[inner] & crop
+    return out
+
+
+def closing_mm(mask: np.ndarray, spacing_zyx: Sequence[float], radius_mm: float) -> np.ndarray:
+    """Binary closing by a ball of ``radius_mm`` on a copy padded by the radius, so the array
+    edge neither adds nor removes anything; the result contains ``mask``."""
+    ball = ball_mm(spacing_zyx, radius_mm)
+    r = (np.array(ball.shape) - 1) // 2
+    box = _grown_box(mask, 2 * r)
+    out = mask.copy()
+    if box is None:
+        return out
+    pad = [(int(v), int(v)) for v in r]
+    padded = np.pad(mask[box], pad)
+    closed = ndi.binary_erosion(ndi.binary_dilation(padded, structure=ball), structure=ball)
+    out[box] |= closed[tuple(slice(p[0], p[0] + n) for p, n in zip(pad, mask[box].shape))]
+    return out
+
+
+def inplane_cross() -> np.ndarray:
+    """4-connected cross in the axial plane as a (3, 3, 3) structure (no link across slices)."""
+    s = np.zeros((3, 3, 3), bool)
+    s[1] = ndi.generate_binary_structure(2, 1)
+    return s
+
+
+def fill_holes_2d(mask: np.ndarray) -> np.ndarray:
+    """Fill the holes of every axial slice (4-connected background), on the bounding box."""
+    box = bbox(mask)
+    out = np.zeros(mask.shape, bool)
+    if box is not None:
+        out[box] = ndi.binary_fill_holes(mask[box], structure=inplane_cross())
+    return out
+
+
+def remove_small_components(mask: np.ndarray, min_voxels: int) -> np.ndarray:
+    """Drop the 26-connected components smaller than ``min_voxels``, on the bounding box."""
+    box = bbox(mask)
+    out = np.zeros(mask.shape, bool)
+    if box is None:
+        return out
+    cc = sitk.ConnectedComponent(sitk.GetImageFromArray(mask[box].astype(np.uint8)), True)
+    out[box] = sitk.GetArrayFromImage(sitk.RelabelComponent(cc, minimumObjectSize=int(min_voxels))) > 0
     return out
