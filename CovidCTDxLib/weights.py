@@ -27,13 +27,14 @@ import logging
 import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Union
-
-import torch
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Union
 
 from . import __version__
 from .errors import WeightsError
 from .result import NOT_FOR_DIAGNOSIS, Provenance
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: reading model cards needs no torch
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +130,33 @@ def card_sidecar(path: PathLike) -> Path:
     return Path(path).with_suffix(".json")
 
 
+def read_model_cards(folder: PathLike) -> List[Dict[str, Any]]:
+    """The model cards (JSON sidecars) of every ``*.safetensors`` in ``folder``, without torch.
+
+    Why from the sidecars: the Slicer panel shows what the weights are before torch is even
+    installed. A missing or unreadable sidecar gives a card with only the file name, and
+    ``synthetic`` unknown (None), never a claim the file does not make.
+    """
+    cards: List[Dict[str, Any]] = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return cards
+    for weights in sorted(folder.glob("*.safetensors")):
+        sidecar = card_sidecar(weights)
+        try:
+            card = json.loads(sidecar.read_text()) if sidecar.exists() else {}
+        except (OSError, ValueError):
+            log.warning("Model card %s is unreadable; showing the file name only.", sidecar)
+            card = {}
+        if not isinstance(card, dict):
+            card = {}
+        card.setdefault("architecture", weights.stem)
+        card.setdefault("synthetic", None)
+        card["file"] = weights.name
+        cards.append(card)
+    return cards
+
+
 def file_sha256(path: PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -172,6 +200,8 @@ def save_weights(path: PathLike, state_dict: Mapping[str, torch.Tensor], card: M
     shared storage). Non-tensor entries are an error: they would need pickle.
     """
     path = Path(path)
+    import torch
+
     tensors: Dict[str, torch.Tensor] = {}
     for k, v in state_dict.items():
         if not isinstance(v, torch.Tensor):

@@ -49,9 +49,8 @@ def test_demo_weights_are_small_verified_and_labelled(demo):
 
 @pytest.mark.slow
 def test_held_out_phantoms_dice_and_accuracy(demo):
-    from CovidCTDxLib.synthetic.phantom import make_phantom
-
     from CovidCTDxLib.result import CLASS_KEYS
+    from CovidCTDxLib.synthetic.phantom import make_phantom
 
     dices, confusion = [], np.zeros((len(CLASS_KEYS), len(CLASS_KEYS)), dtype=int)
     false_lesion = []

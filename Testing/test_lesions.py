@@ -8,8 +8,8 @@ import pytest
 from scipy.stats import rankdata
 
 from CovidCTDxLib.lesions.density import CONSOLIDATION_HU, detect_lesions, split_lesion_types
-from CovidCTDxLib.synthetic.phantom import insert_lesions, make_phantom
 from CovidCTDxLib.result import LungMasks
+from CovidCTDxLib.synthetic.phantom import insert_lesions, make_phantom
 
 
 def _lungs(right, left):

@@ -6,7 +6,6 @@ import pytest
 import SimpleITK as sitk
 
 from CovidCTDxLib.errors import LungsNotFoundError
-from CovidCTDxLib.result import LungMasks
 from CovidCTDxLib.racnet.slice_selection import (
     DARK_HU,
     select_by_lungs,
@@ -14,6 +13,7 @@ from CovidCTDxLib.racnet.slice_selection import (
     select_slices,
     slice_axis,
 )
+from CovidCTDxLib.result import LungMasks
 from CovidCTDxLib.volume import CTVolume
 
 

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from CovidCTDxLib.errors import LungsNotFoundError
+from CovidCTDxLib.lungs.zones import PERIPHERAL_THICKNESS_MM, compute_zones
 from CovidCTDxLib.result import LungZones
 from CovidCTDxLib.volume import CTVolume
-from CovidCTDxLib.lungs.zones import PERIPHERAL_THICKNESS_MM, compute_zones
 
 
 def _box_lungs(direction=np.eye(3)):

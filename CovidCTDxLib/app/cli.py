@@ -51,15 +51,16 @@ class ProgressPrinter:
 def cmd_run(args: argparse.Namespace) -> int:
     from ..io.readers import read_ct
     from ..io.results import write_outputs
-    from ..pipeline import PipelineOptions, run_pipeline
+    from ..pipeline import PipelineOptions, parse_stages, run_pipeline
+    from ..result import STAGES
 
-    ct = read_ct(args.ct_path, series_uid=args.series_uid)
-    options = PipelineOptions(
-        stages=args.stages.split(",") if args.stages else PipelineOptions().stages,
+    options = PipelineOptions(  # options first: a typo in --stages is refused before reading the CT
+        stages=parse_stages(args.stages) if args.stages is not None else STAGES,
         weights_dir=args.weights,
         lung_model=args.lung_model,
         lesion_source=args.lesion_source,
     )
+    ct = read_ct(args.ct_path, series_uid=args.series_uid)
     result = run_pipeline(ct, options, progress=ProgressPrinter(args.quiet), cancel=args.cancel)
     files = write_outputs(result, Path(args.output), source=str(args.ct_path))
     _summarise(files["results.json"])
@@ -70,6 +71,8 @@ def _summarise(results_json: Path) -> None:
     """Print the key results on stdout (scripts read results.json; people read this)."""
     r = json.loads(results_json.read_text())
     out = [f"outputs: {results_json.parent}"]
+    for stage, needed_by in ((r.get("stages") or {}).get("added_as_dependency") or {}).items():
+        out.append(f"note: {stage} ran as a dependency of {', '.join(needed_by)}")
     if r["lungs"]:
         out.append(f"lungs: right {r['lungs']['right_ml']:.0f} mL, left {r['lungs']['left_ml']:.0f} mL")
     for key, title in (("classification", "classification"), ("severity", "severity")):

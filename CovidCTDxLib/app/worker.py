@@ -336,6 +336,11 @@ def result_from_outputs(out_dir: Path, ct: CTVolume) -> Result:
             rows = list(csv.reader(f))[1:]
         table = [(r[0], _float_or_none(r[1]), r[2], r[3]) for r in rows if len(r) >= 4]
         result.findings = StoredFindings(table, payload["findings"])
+        reading = payload["findings"].get("rule_based_reading")
+        if reading:
+            from ..findings.reading import Reading
+
+            result.reading = Reading.from_dict(reading)
     return result
 
 

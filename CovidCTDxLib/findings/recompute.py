@@ -32,7 +32,7 @@ def findings_from_masks(ct: CTVolume, masks: Mapping[str, np.ndarray], source: s
     """
     from ..lesions.density import split_lesion_types
     from ..lungs.zones import compute_zones
-    from .metrics import compute_findings
+    from ..pipeline import run_findings_stage
 
     missing = [k for k in ("right_lung", "left_lung", "lesion") if k not in masks]
     if "lesion" in missing or (missing and not remask_missing_lungs):
@@ -56,7 +56,7 @@ def findings_from_masks(ct: CTVolume, masks: Mapping[str, np.ndarray], source: s
     result.lesions = LesionMasks(lesion, ggo & lesion, consolidation & lesion, source=source)
     result.zones = compute_zones(ct, result.lungs.right, result.lungs.left)
     start = time.perf_counter()
-    result.findings = compute_findings(ct, result.lungs, result.lesions, result.zones)
+    run_findings_stage(result)
     result.timings_s["findings"] = round(time.perf_counter() - start, 3)
     return result
 

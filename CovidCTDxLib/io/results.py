@@ -57,12 +57,9 @@ def results_dict(result: Result, source: str = "") -> Dict[str, Any]:
             lungs["weights"] = dict(result.lungs.model_provenance)
     findings: Optional[Dict[str, Any]] = None
     if result.findings is not None:
-        from ..findings.reading import read_findings
-
         findings = result.findings.to_dict()
         findings["lesion_source"] = result.lesions.source if result.lesions is not None else None
-        reading = read_findings(result.findings)
-        findings["rule_based_reading"] = {"label": reading.label, "reasons": list(reading.reasons)}
+        findings["rule_based_reading"] = result.reading.to_dict() if result.reading is not None else None
     provenance: Dict[str, Any] = {"project_version": __version__}
     if result.lungs is not None:
         provenance["lungs"] = {"method": result.lungs.method, **(result.lungs.model_provenance or {})}
@@ -86,6 +83,7 @@ def results_dict(result: Result, source: str = "") -> Dict[str, Any]:
         "severity": result.severity.to_dict() if result.severity else None,
         "findings": findings,
         "not_run": dict(result.skipped),
+        "stages": {"run": list(result.stages), "added_as_dependency": {k: list(v) for k, v in result.added_stages.items()}},
         "provenance": provenance,
         "timings_s": dict(result.timings_s),
     }
