@@ -219,6 +219,17 @@ class CovidCTDxWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._stopJob()
         self.removeObservers()
 
+    def onReload(self) -> None:
+        """Reload the library too, not only this file (as SlicerMONAIAuto3DSeg does for its lib).
+
+        The module imports ``CovidCTDxLib`` lazily, inside the calls that need it, so dropping
+        every loaded library module from ``sys.modules`` makes the next call import the edited
+        code; Slicer's own reload then re-imports this file.
+        """
+        for name in [n for n in sys.modules if n == "CovidCTDxLib" or n.startswith("CovidCTDxLib.")]:
+            del sys.modules[name]
+        ScriptedLoadableModuleWidget.onReload(self)
+
     def enter(self) -> None:
         self.initializeParameterNode()
 

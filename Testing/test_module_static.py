@@ -162,8 +162,16 @@ def test_extension_cmake_is_a_valid_slicer_extension():
              "include(${Slicer_EXTENSION_GENERATE_CONFIG})", "include(${Slicer_EXTENSION_CPACK})"]
     positions = [text.index(s) for s in order]
     assert positions == sorted(positions)
-    # The library and the shared resources the module looks up at run time are installed.
-    assert "CovidCTDxLib/*.py" in text and "Resources/Terminology/*.json" in text and "Resources/SampleData/*" in text
+    # The library and the shared resources the module looks up at run time are installed,
+    # listed file by file (no glob): exactly the files in the tree.
+    scripts = _cmake_list(text, "COVIDCTDX_LIB_SCRIPTS", {})
+    on_disk = {p.relative_to(REPO).as_posix() for p in (REPO / "CovidCTDxLib").rglob("*.py") if "__pycache__" not in p.parts}
+    assert set(scripts) == on_disk, "run python tools/update_cmake_lists.py"
+    resources = _cmake_list(text, "COVIDCTDX_LIB_RESOURCES", {})
+    for folder in ("Resources/Terminology", "Resources/SampleData", "Resources/weights"):
+        files = {p.relative_to(REPO).as_posix() for p in (REPO / folder).iterdir() if p.is_file()}
+        assert files and files <= set(resources), "run python tools/update_cmake_lists.py"
+    assert "GLOB" not in text
     assert (MODULE_DIR / "Testing" / "Python" / "CMakeLists.txt").exists()
 
 
@@ -214,3 +222,14 @@ def test_terminology_file_has_the_codes_of_terminology_md():
         entry = entries[key]
         assert tuple(entry["recommendedDisplayRGBValue"]) == spec.color, spec.segment_id
         assert entry["CodeMeaning"] == (spec.modifier.meaning or spec.type.meaning)
+
+
+def test_reload_also_reloads_the_library(module_ast):
+    """onReload drops every CovidCTDxLib module so the next lazy import takes the edited code."""
+    widget = next(n for n in module_ast.body if isinstance(n, ast.ClassDef) and n.name == "CovidCTDxWidget")
+    reload = next(n for n in widget.body if isinstance(n, ast.FunctionDef) and n.name == "onReload")
+    source = ast.unparse(reload)
+    assert "sys.modules" in source and "CovidCTDxLib." in source and "ScriptedLoadableModuleWidget.onReload(self)" in source
+    # ...and nothing at module level imports the library, or a reload would keep the old objects.
+    top = [n for n in module_ast.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    assert not any("CovidCTDxLib" in ast.unparse(n) for n in top)
