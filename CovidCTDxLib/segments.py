@@ -20,7 +20,7 @@ terminology file in ``Resources/Terminology`` documents the same choice.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 ANATOMY_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
 COVIDCTDX_CONTEXT = "Segmentation category and type - CovidCTDx"
@@ -95,7 +95,3 @@ SEGMENTS: Dict[str, SegmentSpec] = {
 
 #: Display order of the output segments.
 SEGMENT_ORDER = ("right_lung", "left_lung", "airways", "lesion", "ggo", "consolidation", "deepsc_lesion")
-
-
-def spec_for(segment_id: str) -> Optional[SegmentSpec]:
-    return SEGMENTS.get(segment_id)

@@ -32,16 +32,15 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from CovidCTDxLib import __version__  # noqa: E402
 from CovidCTDxLib.deepsc.inference import run_deepsc  # noqa: E402
-from CovidCTDxLib.models.deepsc import ARCHITECTURE, ARCHITECTURE_VERSION, DeepSCConfig  # noqa: E402
-from CovidCTDxLib.synthetic.phantom import KIND_LABELS, insert_lesions, make_phantom  # noqa: E402
+from CovidCTDxLib.models.deepsc import ARCHITECTURE, DeepSCConfig  # noqa: E402
 from CovidCTDxLib.result import CLASS_KEYS, LungMasks  # noqa: E402
+from CovidCTDxLib.synthetic.phantom import KIND_LABELS, insert_lesions, make_phantom  # noqa: E402
 from CovidCTDxLib.training import common  # noqa: E402
 from CovidCTDxLib.training.datasets import prepare_case  # noqa: E402
 from CovidCTDxLib.training.losses import DeepSCLossWeights  # noqa: E402
-from CovidCTDxLib.training.train_deepsc import TrainOptions, train  # noqa: E402
-from CovidCTDxLib.weights import ModelCard, load_weights, save_weights  # noqa: E402
+from CovidCTDxLib.training.train_deepsc import TrainOptions, model_card, train  # noqa: E402
+from CovidCTDxLib.weights import load_weights, save_weights  # noqa: E402
 
 log = logging.getLogger("train_demo_deepsc")
 
@@ -161,10 +160,8 @@ def main(argv=None) -> int:
 
     state = load_weights(result.weights_path, ARCHITECTURE).state_dict
     n_phantoms = len(cases) - len(real)
-    card = ModelCard(
-        architecture=ARCHITECTURE,
-        architecture_version=ARCHITECTURE_VERSION,
-        config=config.to_dict(),
+    card = model_card(
+        config,
         training_data=f"synthetic: {n_phantoms} CovidCTDx phantoms (COVID-19/CAP/normal) + {real_desc}",
         synthetic=True,
         metrics={
@@ -175,7 +172,6 @@ def main(argv=None) -> int:
             "train_wall_s": round(train_s, 1),
             "script_wall_s": round(wall, 1),
         },
-        project_version=__version__,
         notes=(
             f"Demo weights for trying the pipeline. Trained on CPU ({args.threads} thread(s)) by tools/train_demo_deepsc.py "
             f"in {wall / 60:.1f} min wall. Synthetic training data — not for diagnosis."

@@ -10,6 +10,7 @@ otherwise everything runs in one process, which is the default.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -81,6 +82,20 @@ class DistContext:
     def cleanup(self) -> None:
         if self.distributed and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, default_out: Path) -> argparse._ArgumentGroup:
+    """The run options every trainer shares, with one name each: output folder, resume, seed,
+    device, threads and the wall-time limit (``--time-limit-min``)."""
+    run = parser.add_argument_group("run")
+    run.add_argument("-o", "--out", type=Path, default=default_out, help="output folder: checkpoints, metrics.jsonl, weights")
+    run.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in --out")
+    run.add_argument("--time-limit-min", type=float, default=None,
+                     help="stop after this much training wall time (minutes; weights are still saved)")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    run.add_argument("--threads", type=int, default=None)
+    return run
 
 
 def setup_distributed(device: Optional[str] = None, threads: Optional[int] = None) -> DistContext:

@@ -207,20 +207,25 @@ def train(
         final = next((r for r in reversed(logger.history) if "accuracy" in r), {})
         metrics = {k: final[k] for k in ("dice", "accuracy", "auc", "macro_f1", "confusion_matrix") if k in final}
         metrics.update({"epochs": len(logger.history), "train_wall_s": round(wall, 1)})
-        card = ModelCard(
-            architecture=ARCHITECTURE,
-            architecture_version=ARCHITECTURE_VERSION,
-            config=config.to_dict(),
-            training_data=options.training_data,
-            synthetic=options.synthetic,
-            metrics=metrics,
-            project_version=__version__,
-            notes=options.notes,
-        )
+        card = model_card(config, options.training_data, options.synthetic, metrics, options.notes)
         weights_path = out / WEIGHTS
         save_weights(weights_path, model.state_dict(), card)
     ctx.barrier()
     return TrainResult(weights_path, logger.history, wall, stopped_early)
+
+
+def model_card(config: DeepSCConfig, training_data: str, synthetic: bool, metrics: Dict[str, Any], notes: str = "") -> ModelCard:
+    """The one place a DeepSC-COVID model card is built (trainer and demo-weights tool)."""
+    return ModelCard(
+        architecture=ARCHITECTURE,
+        architecture_version=ARCHITECTURE_VERSION,
+        config=config.to_dict(),
+        training_data=training_data,
+        synthetic=synthetic,
+        metrics=metrics,
+        project_version=__version__,
+        notes=notes,
+    )
 
 
 # ============================================================================ CLI
@@ -254,14 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     sch.add_argument("--lr-stage2", type=float, default=1e-4)
     sch.add_argument("--batch-size", type=int, default=2)
     sch.add_argument("--patches-per-case", type=int, default=4)
-    sch.add_argument("--max-minutes", type=float, default=None, help="stop (and still save weights) after this wall time")
     sch.add_argument("--bf16", action="store_true", help="bfloat16 autocast (fast on CPUs with AMX / GPUs)")
-    run_ = p.add_argument_group("run")
-    run_.add_argument("-o", "--out", type=Path, default=Path("deepsc_run"), help="output folder (checkpoints, metrics.jsonl, deepsc.safetensors)")
-    run_.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in --out")
-    run_.add_argument("--seed", type=int, default=0)
-    run_.add_argument("--device", choices=["cpu", "cuda"], default=None)
-    run_.add_argument("--threads", type=int, default=None)
+    common.add_run_arguments(p, Path("deepsc_run"))
     return p
 
 
@@ -314,7 +313,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         patches_per_case=args.patches_per_case,
         seed=args.seed,
-        max_minutes=args.max_minutes,
+        max_minutes=args.time_limit_min,
         bf16=args.bf16,
         out_dir=args.out,
         resume=not args.no_resume,
