@@ -435,8 +435,8 @@ class CovidCTDxLogic(ScriptedLoadableModuleLogic):
         if "torch" in missing:
             try:
                 import PyTorchUtils
-            except ModuleNotFoundError:
-                raise RuntimeError(_("CovidCTDx needs the PyTorch extension: install it from the Extensions Manager."))
+            except ModuleNotFoundError as exc:
+                raise RuntimeError(_("CovidCTDx needs the PyTorch extension: install it from the Extensions Manager.")) from exc
             torchLogic = PyTorchUtils.PyTorchUtilsLogic()
             if not torchLogic.torchInstalled():
                 if torchLogic.installTorch(askConfirmation=False, torchVersionRequirement=f">={MINIMUM_TORCH_VERSION}") is None:

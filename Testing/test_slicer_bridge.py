@@ -21,7 +21,7 @@ import pytest
 slicer = pytest.importorskip("slicer")
 vtk = pytest.importorskip("vtk")
 
-from CovidCTDxLib.errors import GeometryError, InputError  # noqa: E402
+from CovidCTDxLib.errors import CovidCTDxError, GeometryError, InputError  # noqa: E402
 from CovidCTDxLib.result import (  # noqa: E402
     CLASS_KEYS,
     NOT_FOR_DIAGNOSIS,
@@ -538,7 +538,7 @@ def test_worker_cancel_kills_process_and_leaves_scene_unchanged(scene, small_pha
         assert job.wait(timeout=30) == CANCELLED
         assert job._proc.poll() is not None
         assert not (job.output_dir / "results.json").exists()
-        with pytest.raises(Exception):
+        with pytest.raises(CovidCTDxError):
             job.result()
     finally:
         job.cleanup()

@@ -15,8 +15,8 @@ from _measure import measure, print_table  # noqa: E402
 
 
 def _run(shape, spacing):
-    from CovidCTDxLib.synthetic.phantom import make_phantom
     from CovidCTDxLib.pipeline import run_pipeline
+    from CovidCTDxLib.synthetic.phantom import make_phantom
 
     ph = make_phantom(kind="covid", severity="moderate", shape=shape, spacing=spacing, seed=5)
     start = time.perf_counter()

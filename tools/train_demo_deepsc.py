@@ -15,6 +15,7 @@ inference path (``run_deepsc`` on the CT grid) and writes
 Run: ``.venv/bin/python tools/train_demo_deepsc.py [--minutes 19] [--out Resources/weights]``
 (1 CPU thread by default; wall time is logged and stored in the card).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -73,7 +74,11 @@ def phantom_cases(config: DeepSCConfig, repeats: int, seed0: int):
         for i, (kind, sev) in enumerate(TRAIN_SPECS):
             seed = seed0 + 100 * r + i
             p = make_phantom(kind, sev, shape=SHAPE, spacing=SPACING, seed=seed)
-            cases.append(prepare_case(f"{kind}-{sev}-{seed}", CLASS_KEYS.index(KIND_LABELS[kind]), p.ct, p.right_lung | p.left_lung, p.lesion, config))
+            cases.append(
+                prepare_case(
+                    f"{kind}-{sev}-{seed}", CLASS_KEYS.index(KIND_LABELS[kind]), p.ct, p.right_lung | p.left_lung, p.lesion, config
+                )
+            )
     return cases
 
 
@@ -93,7 +98,9 @@ def real_ct_cases(config: DeepSCConfig):
     cases = [prepare_case("A0001", CLASS_KEYS.index("non_pneumonia"), ct, right | left, np.zeros_like(right), config)]
     for kind, lvr, seed in (("covid", 8.0, 11), ("cap", 4.0, 12), ("covid", 20.0, 13), ("cap", 2.5, 14)):
         ins = insert_lesions(ct, right, left, kind, lvr, seed=seed)
-        cases.append(prepare_case(f"A0001+{kind}{lvr}", CLASS_KEYS.index(KIND_LABELS[kind]), ins.ct, right | left | ins.lesion, ins.lesion, config))
+        cases.append(
+            prepare_case(f"A0001+{kind}{lvr}", CLASS_KEYS.index(KIND_LABELS[kind]), ins.ct, right | left | ins.lesion, ins.lesion, config)
+        )
     return cases, "Lung-PET-CT-Dx A0001 (TCIA, CC BY 4.0) with inserted COVID-19/CAP lesions"
 
 
@@ -125,7 +132,9 @@ def main(argv=None) -> int:
     ap.add_argument("--cls-weight", type=float, default=1.0, help="weight of the classification loss (segmentation 1.0)")
     ap.add_argument("--work", type=Path, default=None, help="checkpoint folder (default: temporary)")
     ap.add_argument(
-        "--threads", type=int, default=1,
+        "--threads",
+        type=int,
+        default=1,
         help="torch threads; 1 by default because on a shared, oversubscribed 2-core machine OpenMP "
         "threads stall on each other (measured ~5x slower per step with 2 threads under load)",
     )
@@ -146,9 +155,22 @@ def main(argv=None) -> int:
     # Leave ~3 min for the held-out evaluation (12 scans) and writing.
     budget = max(1.0, args.minutes - prep_s / 60 - 3.0)
     options = TrainOptions(
-        epochs_stage1=1000, epochs_stage2=1000, lr_stage1=1e-3, lr_stage2=1e-4, batch_size=2, patches_per_case=2,
-        seed=args.seed, max_minutes=budget, stage1_time_fraction=0.8, out_dir=work, resume=False, threads=args.threads,
-        validate_every=10**9, bf16=torch.backends.mkldnn.is_available(), training_data="synthetic", synthetic=True,
+        epochs_stage1=1000,
+        epochs_stage2=1000,
+        lr_stage1=1e-3,
+        lr_stage2=1e-4,
+        batch_size=2,
+        patches_per_case=2,
+        seed=args.seed,
+        max_minutes=budget,
+        stage1_time_fraction=0.8,
+        out_dir=work,
+        resume=False,
+        threads=args.threads,
+        validate_every=10**9,
+        bf16=torch.backends.mkldnn.is_available(),
+        training_data="synthetic",
+        synthetic=True,
         # --cls-weight 2 was tried: same held-out accuracy, lesion Dice 0.76 instead of 0.85.
         loss_weights=DeepSCLossWeights(seg=1.0, cls=args.cls_weight, task_aware=1.0),
     )

@@ -148,7 +148,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="covidctdx", description="Chest CT → lungs, lesions, COVID-19 classification, severity, findings.")
+    parser = argparse.ArgumentParser(
+        prog="covidctdx", description="Chest CT → lungs, lesions, COVID-19 classification, severity, findings."
+    )
     parser.add_argument("--version", action="version", version=f"covidctdx {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress output")

@@ -214,7 +214,8 @@ def plan_axis(n: int, patch: int, overlap: float, scale: float) -> Tuple[int, Li
         return max(patch, -(-n // 8) * 8), [0]
     o = int(round(patch * overlap))
     k = -(-(n - o) // (biggest - o))
-    size = max(patch, -(-(-(-(n + (k - 1) * o) // k)) // 8) * 8)
+    window = -(-(n + (k - 1) * o) // k)  # ceil: k windows with overlap o cover n
+    size = max(patch, -(-window // 8) * 8)
     starts = sorted({int(round(v)) for v in np.linspace(0, n - size, k)})
     return size, starts
 

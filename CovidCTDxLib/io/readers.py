@@ -87,7 +87,9 @@ def read_volume_file(path: Path) -> CTVolume:
     if reader.GetDimension() != 3:
         validate_geometry(tuple(reversed(size)), reader.GetSpacing(), np.eye(3))
     if reader.GetNumberOfComponents() != 1:
-        raise InputError(f"{path}: has {reader.GetNumberOfComponents()} components per voxel; a CT has one (is this an RGB or vector image?).")
+        raise InputError(
+            f"{path}: has {reader.GetNumberOfComponents()} components per voxel; a CT has one (is this an RGB or vector image?)."
+        )
     _check_size(size, str(path))
     direction = np.asarray(reader.GetDirection(), dtype=float).reshape(3, 3)
     validate_geometry(tuple(reversed(size)), reader.GetSpacing(), direction)

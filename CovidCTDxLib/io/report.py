@@ -51,7 +51,8 @@ def render_report(results: Dict[str, Any]) -> str:
     sev = results.get("severity")
     if sev:
         lines.append(f"**{sev['label']}** — " + ", ".join(f"{k} {_pct(v)}" for k, v in sev["probabilities"].items()))
-        lines.append(f"COVID-19 probability {_pct(sev['covid_probability'])}; out of distribution: {'yes' if sev['out_of_distribution'] else 'no'}.")
+        ood = "yes" if sev["out_of_distribution"] else "no"
+        lines.append(f"COVID-19 probability {_pct(sev['covid_probability'])}; out of distribution: {ood}.")
         lines.append(_weights_line(sev["weights"]))
     else:
         lines.append(f"Not run: {results['not_run'].get('severity', 'no reason recorded')}")

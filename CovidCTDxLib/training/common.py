@@ -8,6 +8,7 @@ Distributed training follows ``torchrun`` conventions: when ``WORLD_SIZE`` > 1 i
 environment, :func:`setup_distributed` joins the process group (NCCL on GPUs, gloo on CPU);
 otherwise everything runs in one process, which is the default.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -90,8 +91,9 @@ def add_run_arguments(parser: argparse.ArgumentParser, default_out: Path) -> arg
     run = parser.add_argument_group("run")
     run.add_argument("-o", "--out", type=Path, default=default_out, help="output folder: checkpoints, metrics.jsonl, weights")
     run.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in --out")
-    run.add_argument("--time-limit-min", type=float, default=None,
-                     help="stop after this much training wall time (minutes; weights are still saved)")
+    run.add_argument(
+        "--time-limit-min", type=float, default=None, help="stop after this much training wall time (minutes; weights are still saved)"
+    )
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--device", choices=["cpu", "cuda"], default=None)
     run.add_argument("--threads", type=int, default=None)
@@ -234,7 +236,9 @@ class MetricLogger:
             if self.path is not None:
                 with open(self.path, "a") as f:
                     f.write(json.dumps(row) + "\n")
-            brief = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items() if not isinstance(v, (list, dict)))
+            brief = " ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items() if not isinstance(v, (list, dict))
+            )
             log.info("%s", brief)
         return row
 
