@@ -1,6 +1,6 @@
 """The validated CT volume every stage works on.
 
-Conventions (see DESIGN.md): ``array`` is numpy in (z, y, x) order, like
+Conventions (see docs/ARCHITECTURE.md): ``array`` is numpy in (z, y, x) order, like
 ``slicer.util.arrayFromVolume``; ``spacing`` and ``origin`` are (x, y, z) in mm; ``direction``
 is a 3x3 matrix whose columns are the patient-space (LPS, as in SimpleITK and DICOM)
 directions of the i, j, k voxel axes. Left/right, anterior/posterior and head/feet are

@@ -1,4 +1,4 @@
-"""End to end: the command-line contract of DESIGN.md on phantoms and the real scans."""
+"""End to end: the command-line contract of docs/ARCHITECTURE.md on phantoms and the real scans."""
 from __future__ import annotations
 
 import json
@@ -188,6 +188,7 @@ def test_phantom_command_writes_volume_and_truth(tmp_path):
     assert truth.masks["lesion"].any() and truth.masks["right_lung"].any()
 
 
+@pytest.mark.realdata
 @pytest.mark.slow
 def test_whole_pipeline_on_the_real_covid_scan(covid_dicom_dir, tmp_path):
     """JPEG-lossless real COVID-19 DICOM through every stage."""

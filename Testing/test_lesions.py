@@ -71,6 +71,7 @@ def _tumour_mask(shape, csv_path):
     return m
 
 
+@pytest.mark.realdata
 @pytest.mark.slow
 def test_a0001_small_lvr_apart_from_tumour(a0001, a0001_nii):
     """Non-COVID lung: dependent density, dome / apical partial volume and hilar vessels
@@ -86,6 +87,7 @@ def test_a0001_small_lvr_apart_from_tumour(a0001, a0001_nii):
     assert np.count_nonzero(les.lesion & tumour) > 0.3 * np.count_nonzero(tumour & lung & (ct.array > -300))
 
 
+@pytest.mark.realdata
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["covid", "cap"])
 def test_a0001_inserted_lesions_recovered(a0001, kind):
@@ -107,6 +109,7 @@ def _auc(score, label):
     return (r[pos].sum() - n1 * (n1 + 1) / 2) / (n1 * n0)
 
 
+@pytest.mark.realdata
 @pytest.mark.slow
 def test_covid_scan_slice_auc(covid_dicom_dir, covid_infected_csv):
     from CovidCTDxLib.io.readers import read_ct

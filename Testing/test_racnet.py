@@ -300,6 +300,7 @@ def test_noise_is_out_of_distribution(demo):
         assert bundle.out_of_distribution(predict_stack(bundle.model, stack))
 
 
+@pytest.mark.realdata
 def test_run_racnet_on_real_covid_scan(demo, covid_dicom_dir):
     """Smoke test on real data (no lung mask → COVID-CTset selection): a well-formed result."""
     from CovidCTDxLib.io.readers import read_ct

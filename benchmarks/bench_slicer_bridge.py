@@ -1,6 +1,6 @@
 """Slicer bridge speed on a full-size chest CT (512×512×300), real MRML from slicer-core.
 
-Budget (DESIGN.md): metrics recompute after an edit ≤ 1 s. Reference for reading masks
+Budget (docs/ARCHITECTURE.md): metrics recompute after an edit ≤ 1 s. Reference for reading masks
 back: Slicer's own way (``slicer.util.arrayFromSegmentBinaryLabelmap`` = export each
 segment to a labelmap node with ``ExportSegmentsToLabelmapNode``), in the same run.
 

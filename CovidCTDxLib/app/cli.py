@@ -1,4 +1,4 @@
-"""The ``covidctdx`` command line (contract in DESIGN.md).
+"""The ``covidctdx`` command line (contract in docs/ARCHITECTURE.md).
 
 Errors a user can act on (CovidCTDxError) are printed as one line without a traceback and
 exit with status 2; Ctrl-C cancels cleanly with status 130 and writes nothing.

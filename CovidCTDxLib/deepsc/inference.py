@@ -1,7 +1,7 @@
 """DeepSC-COVID on a whole CT: preprocessing shared with training, sliding-window inference,
 paste-back to the CT grid.
 
-Preprocessing (DESIGN.md, DeepSC-COVID): reorient to a canonical patient frame, crop to the
+Preprocessing (docs/ARCHITECTURE.md, DeepSC-COVID): reorient to a canonical patient frame, crop to the
 lung bounding box (+ margin), clip HU to the model's window and scale to 0..1, zero
 everything outside the lungs, resample to the model's spacing. The lesion subnet then runs
 over overlapping patches whose outputs are blended with a Gaussian weight (centre voxels

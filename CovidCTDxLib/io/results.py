@@ -1,4 +1,4 @@
-"""Writes a Result as the command-line contract's files (see DESIGN.md).
+"""Writes a Result as the command-line contract's files (see docs/ARCHITECTURE.md).
 
 OUT_DIR/segmentation.seg.nrrd, evidence.nrrd, results.json, findings.csv, report.md.
 All files are written into a hidden temporary folder first and moved into place only when
@@ -41,7 +41,7 @@ def json_safe(value: Any) -> Any:
 
 
 def results_dict(result: Result, source: str = "") -> Dict[str, Any]:
-    """The results.json content; keys and names follow DESIGN.md's contract."""
+    """The results.json content; keys and names follow the contract in docs/ARCHITECTURE.md."""
     ct = result.ct
     lungs: Optional[Dict[str, Any]] = None
     if result.lungs is not None:
