@@ -1,0 +1,1 @@
+"""Scan-level metrics for scoring pipeline outputs against real scans and their labels."""
