@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from CovidCTDxLib.deepsc.inference import run_deepsc
+from CovidCTDxLib.evaluation.scan_metrics import dice as dice_score
 from CovidCTDxLib.models.deepsc import ARCHITECTURE, ARCHITECTURE_VERSION
 from CovidCTDxLib.result import NOT_FOR_DIAGNOSIS, LungMasks
-from CovidCTDxLib.training.common import dice_score
 from CovidCTDxLib.weights import load_weights
 
 DEMO = Path(__file__).resolve().parents[1] / "Resources" / "weights" / "deepsc_demo.safetensors"

@@ -13,9 +13,9 @@ import pytest
 from scipy import ndimage as ndi
 
 from CovidCTDxLib.errors import LungsNotFoundError
+from CovidCTDxLib.evaluation.scan_metrics import dice as dice_score
 from CovidCTDxLib.lungs.engine import segment_lungs
 from CovidCTDxLib.synthetic.phantom import make_phantom
-from CovidCTDxLib.training.common import dice_score
 from CovidCTDxLib.volume import CTVolume
 
 #: Two empty masks score 0 here, not dice_score's default 1: an empty lung is a failure.

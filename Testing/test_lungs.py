@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from CovidCTDxLib.errors import CancelledError, LungsNotFoundError, WeightsError
+from CovidCTDxLib.evaluation.scan_metrics import dice as dice_score
 from CovidCTDxLib.lungs.engine import segment_lungs
 from CovidCTDxLib.lungs.model_hook import TorchLungModel
 from CovidCTDxLib.models.lung_unet import UNet2D
 from CovidCTDxLib.progress import CancelToken, Progress
-from CovidCTDxLib.training.common import dice_score
 from CovidCTDxLib.volume import CTVolume
 
 #: Two empty masks score 0 here, not dice_score's default 1: an empty lung is a failure.

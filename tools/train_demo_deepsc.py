@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from CovidCTDxLib.deepsc.inference import run_deepsc  # noqa: E402
+from CovidCTDxLib.evaluation import scan_metrics  # noqa: E402
 from CovidCTDxLib.models.deepsc import ARCHITECTURE, DeepSCConfig  # noqa: E402
 from CovidCTDxLib.result import CLASS_KEYS, LungMasks  # noqa: E402
 from CovidCTDxLib.synthetic.phantom import KIND_LABELS, insert_lesions, make_phantom  # noqa: E402
@@ -115,7 +116,7 @@ def held_out_eval(weights_path: Path, specs=HELD_OUT):
         pred = max(out.probabilities, key=out.probabilities.get)
         ok = pred == p.label
         correct += ok
-        d = common.dice_score(out.lesion_mask, p.lesion, lungs.lungs) if p.lesion.any() else float("nan")
+        d = scan_metrics.dice(out.lesion_mask, p.lesion, lungs.lungs) if p.lesion.any() else float("nan")
         if p.lesion.any():
             dices.append(d)
         rows.append({"case": f"{kind}-{sev}-{seed}", "label": p.label, "pred": pred, "dice": d, "seconds": out.seconds})

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..evaluation.scan_metrics import binary_auc
+
 log = logging.getLogger(__name__)
 
 PathLike = Union[str, Path]
@@ -254,22 +256,6 @@ def _jsonable(v: Any) -> Any:
 
 
 # ============================================================================ metrics
-def dice_score(pred: np.ndarray, target: np.ndarray, mask: Optional[np.ndarray] = None, empty: float = 1.0) -> float:
-    """Dice of two boolean arrays, optionally restricted to ``mask``.
-
-    ``empty`` is returned when both are empty (a correct "no lesion" answer scores 1).
-    """
-    p = np.asarray(pred, bool)
-    t = np.asarray(target, bool)
-    if mask is not None:
-        m = np.asarray(mask, bool)
-        p, t = p & m, t & m
-    denom = int(p.sum()) + int(t.sum())
-    if denom == 0:
-        return float(empty)
-    return 2.0 * int((p & t).sum()) / denom
-
-
 def confusion_matrix(y_true: Sequence[int], y_pred: Sequence[int], n_classes: int) -> np.ndarray:
     """``cm[i, j]`` = number of samples of true class i predicted as j."""
     cm = np.zeros((n_classes, n_classes), dtype=np.int64)
@@ -294,19 +280,6 @@ def macro_f1(y_true: Sequence[int], y_pred: Sequence[int], n_classes: int) -> fl
             continue
         f1s.append(2 * tp / (2 * tp + fp + fn))
     return float(np.mean(f1s)) if f1s else float("nan")
-
-
-def binary_auc(y_true: Sequence[int], score: Sequence[float]) -> float:
-    """ROC AUC via the Mann–Whitney U statistic (ties count half); NaN if one class only."""
-    from scipy.stats import rankdata
-
-    t = np.asarray(y_true).astype(bool)
-    s = np.asarray(score, dtype=float)
-    n_pos, n_neg = int(t.sum()), int((~t).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    ranks = rankdata(s)
-    return float((ranks[t].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def roc_auc(y_true: Sequence[int], probabilities: np.ndarray) -> float:

@@ -29,6 +29,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from .. import __version__
 from ..deepsc.inference import infer_prepared
+from ..evaluation import scan_metrics
 from ..models.deepsc import ARCHITECTURE, ARCHITECTURE_VERSION, DeepSCConfig, DeepSCCovid, DeepSCOutputs
 from ..result import CLASS_KEYS
 from ..weights import ModelCard, save_weights
@@ -87,7 +88,7 @@ def validate(model: DeepSCCovid, cases: Sequence[PreparedCase], window_scale: fl
         for case in cases:
             prob, cls, _, _ = infer_prepared(model, case.scan, window_scale=window_scale)
             if case.has_lesion_labels:
-                dices.append(common.dice_score((prob >= 0.5).numpy(), case.lesion.numpy(), case.scan.lung.numpy()))
+                dices.append(scan_metrics.dice((prob >= 0.5).numpy(), case.lesion.numpy(), case.scan.lung.numpy()))
             probs.append(cls)
             labels.append(case.label)
     metrics = common.classification_metrics(labels, np.asarray(probs), CLASS_KEYS)

@@ -41,6 +41,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from ..evaluation import scan_metrics
 from ..models.racnet import ARCHITECTURE, ARCHITECTURE_VERSION, RACNet, RACNetConfig, racnet_losses
 from ..racnet.anchors import INPUT_PREFIX, compute_anchors
 from ..racnet.inference import SlicePrep, model_card_config, save_racnet_weights
@@ -180,7 +181,7 @@ def evaluate(covid_true: np.ndarray, severity_true: np.ndarray, covid_prob: np.n
         "covid_accuracy": common.accuracy(covid_true, cp),
         "covid_macro_f1": common.macro_f1(covid_true, cp, 2),
         "covid_recall": dict(zip(("non_covid", "covid"), _recall(covid_true, cp, 2))),
-        "covid_auc": common.binary_auc(covid_true, covid_prob),
+        "covid_auc": scan_metrics.binary_auc(covid_true, covid_prob),
         "severity_n": int(has.sum()),
     }
     if has.any():
