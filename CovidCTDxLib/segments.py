@@ -2,8 +2,8 @@
 
 Why one table: a segment must carry the same ID, name, colour and terminology whether it
 was written by the CLI or created in a Slicer scene, so that a seg.nrrd saved from Slicer
-reads back into the CLI (``covidctdx findings``) and vice versa. Codes follow
-``../shared/TERMINOLOGY.md``.
+reads back into the CLI (``covidctdx findings``) and vice versa. Codes (SNOMED CT) are those of
+the terminology file ``Resources/Terminology/CovidCTDx.term.json``.
 
 Colours: the lungs use the colour Slicer's General Anatomy list gives "Lung"
 (197, 165, 145). Slicer has no entries for COVID-19 infiltrate, ground glass or

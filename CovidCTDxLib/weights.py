@@ -327,7 +327,7 @@ def load_weights(
 
     Args:
         path: the ``.safetensors`` file.
-        expected_architecture: e.g. ``"deepsc-covid"``; a file for another model is refused.
+        expected_architecture: e.g. ``"deepsc"`` or ``"racnet"``; a file for another model is refused.
         expected_sha256: digest to check against; by default the ``.sha256`` sidecar, then
             the JSON card's ``sha256``. Without any of them only the embedded tensor digest
             is checked (still catches truncation and flipped weight bytes).

@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-o", "--output", default="covidctdx_output", help="output folder")
     run.add_argument("--weights", type=Path, default=None, help="folder with deepsc_*.safetensors / racnet_*.safetensors")
     run.add_argument("--lung-model", type=Path, default=None,
-                     help="a lung U-Net .safetensors (R231 layout, see CovidCTDxLib/lung_model.py) to use "
+                     help="a lung U-Net .safetensors (R231 layout, see CovidCTDxLib/lungs/model_hook.py) to use "
                           "instead of the classical lung engine; checked against its .sha256 sidecar")
     run.add_argument("--stages", default=None, help="comma-separated subset of lungs,deepsc,racnet,findings")
     run.add_argument("--lesion-source", default="auto", choices=("auto", "deepsc", "density"))

@@ -8,7 +8,7 @@ crash leaves the scene exactly as it was.
 
 Protocol: the child reads ``input.nrrd`` + ``options.json``, runs
 :func:`~CovidCTDxLib.pipeline.run_pipeline`, writes the command-line contract's files
-(``segmentation.seg.nrrd``, ``evidence.nrrd``, ``results.json``, ``findings.csv``) into the
+(``segmentation.seg.nrrd``, ``evidence.nrrd``, ``results.json``, ``findings.csv``, ``report.md``) into the
 output folder, and reports on stdout with one JSON object per line::
 
     {"event": "progress", "fraction": 0.42, "message": "Masking lungs"}

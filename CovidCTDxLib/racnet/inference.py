@@ -7,7 +7,7 @@ inference exactly what it saw in training. Its parameters travel in the model ca
 
 Preprocessing (our choices, documented because the abstract gives none):
 
-* Slices: :func:`slices.select_slices` — lung-area rule when a lung mask exists, else the
+* Slices: :func:`racnet.slice_selection.select_slices` — lung-area rule when a lung mask exists, else the
   physical COVID-CTset rule; ordered inferior → superior; optionally thinned to
   ``slice_step_mm`` so thin- and thick-slice scans cover the lungs with similar counts.
 * In-plane orientation: every slice is shown in radiological convention (rows anterior →
