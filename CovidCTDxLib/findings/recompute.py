@@ -2,7 +2,8 @@
 
 Why a module of its own: the edit → recompute loop is the same in Slicer and on the
 command line; here it starts from files (a seg.nrrd saved from Slicer, cropped or not),
-in the Slicer bridge from a segmentation node. Both end in ``pipeline.run_findings_stage`` (``findings.metrics.compute_findings`` and the rule-based reading).
+in the Slicer bridge from a segmentation node. Both end in ``pipeline.run_findings_stage``
+(``findings.metrics.compute_findings`` and the rule-based reading).
 """
 from __future__ import annotations
 

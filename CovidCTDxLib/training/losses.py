@@ -1,6 +1,6 @@
 """DeepSC-COVID losses: segmentation, classification and the task-aware coupling.
 
-Weights follow the DeepSC-COVID paper and the facts noted from the authors' code (the code, which the paper's equations leave open):
+Weights follow the DeepSC-COVID paper and, where its equations leave them open, the authors' code:
 
 - segmentation: soft Dice on the lesion probability *inside the lung* + 2 × cross-entropy
   weighted (background 0.1, lesion 1.0);
