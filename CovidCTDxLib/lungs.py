@@ -86,12 +86,14 @@ MAX_GAS_FRACTION = 0.3
 #: The second-largest component is the other lung when it holds at least this share of
 #: the largest one; a smaller one must pass the gas test like any other extra component.
 SECOND_LUNG_MIN_SHARE = 0.1
-#: Airway region growing: upper thresholds tried (HU) and explosion control.
+#: Airway region growing: upper thresholds tried (HU) and explosion control. A leak into
+#: the lung shows as volume (trachea + main bronchi hold 30-100 mL, far below 250 mL) or as
+#: an axial cross-section wider than any trachea (``TRACHEA_AREA_MM2``): lung parenchyma
+#: is a sheet, the airways are tubes. Relative growth is no leak sign: raising the
+#: threshold past a narrowing (low-dose noise, a mucus plug, partial volume at a 2 mm
+#: slice) fills the rest of the trachea and multiplies the volume (cap002: 5 -> 21 mL).
 AIRWAY_THRESHOLDS_HU = (-980.0, -960.0, -940.0, -920.0, -900.0, -880.0, -860.0)
 AIRWAY_MAX_ML = 250.0
-#: Below this volume (mL) a grown region is still a seed-sized blob, not the airway tree.
-AIRWAY_MIN_ML = 5.0
-AIRWAY_LEAK_GROWTH = 1.8
 #: Reference convention: airway label stops this far (mm) below the carina, per side.
 AIRWAY_BELOW_CARINA_MM = {"right": 15.0, "left": 20.0}
 #: Trachea cross-section limits (mm^2) and how far from the body's mid-line it may lie (mm).
@@ -363,8 +365,9 @@ def _airways(coarse, air, body, grid) -> np.ndarray:
     """Trachea and main bronchi by region growing from the trachea's top slice.
 
     Leak control: the upper threshold is raised step by step and the last result before the
-    volume explodes (grows by more than ``AIRWAY_LEAK_GROWTH`` or exceeds ``AIRWAY_MAX_ML``)
-    is kept. Returns an empty mask when the trachea is not in the field of view.
+    region leaks (exceeds ``AIRWAY_MAX_ML``, or one of its axial cross-sections is wider
+    than the widest trachea) is kept. Returns an empty mask when the trachea is not in the
+    field of view.
     """
     seed = _trachea_seed(coarse, air, body, grid)
     empty = np.zeros_like(air)
@@ -379,14 +382,23 @@ def _airways(coarse, air, body, grid) -> np.ndarray:
             continue
         grown = sitk.GetArrayFromImage(sitk.ConnectedThreshold(img, seedList=[seed_xyz], lower=-3000.0, upper=thr)).astype(bool)
         n = int(grown.sum())
-        if n * grid.voxel_ml > AIRWAY_MAX_ML or (
-            best_n * grid.voxel_ml >= AIRWAY_MIN_ML and n > AIRWAY_LEAK_GROWTH * best_n
-        ):
+        if n * grid.voxel_ml > AIRWAY_MAX_ML or _widest_section_mm2(grown, grid) > TRACHEA_AREA_MM2[1]:
             break
         best, best_n = grown, n
     if not best_n:
         return empty
     return _cut_below_carina(best, grid)
+
+
+def _widest_section_mm2(region: np.ndarray, grid: _Grid) -> float:
+    """Area (mm^2) of the largest 2D connected piece of ``region`` in any axial slice."""
+    box = bbox(region, (0, 0, 0))
+    if box is None:
+        return 0.0
+    structure = np.zeros((3, 3, 3), bool)
+    structure[1] = ndi.generate_binary_structure(2, 1)  # in-plane pieces only
+    labels, _ = ndi.label(region[box], structure=structure)
+    return float(np.bincount(labels.ravel())[1:].max()) * grid.spacing_zyx[1] * grid.spacing_zyx[2]
 
 
 def _trachea_seed(coarse, air, body, grid) -> Optional[Tuple[int, int, int]]:
