@@ -1,0 +1,1 @@
+"""Synthetic data: phantoms, scanner model, lesions and transformations of real scans."""
