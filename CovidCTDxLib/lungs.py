@@ -87,6 +87,11 @@ GAS_MEDIAN_HU = -985.0
 #: bone of their axial slice: air in skin folds, between arm and chest). Half of the region
 #: is the majority: a lung piece lies beside or above the lung, inside the ribs.
 MAX_OUTSIDE_SHARE = 0.5
+#: Thinnest chest wall (mm): skin, subcutaneous tissue, intercostal muscle and rib lie
+#: between the lung and the body surface everywhere (10 mm even in cachexia; usually 20-40).
+#: A secondary air region mostly closer than this to the body outline is air in a skin fold
+#: or under a blanket at the back, not lung.
+CHEST_WALL_MIN_MM = 10.0
 #: Airway region growing: upper thresholds tried (HU) and explosion control. A leak into
 #: the lung shows as volume (trachea + main bronchi hold 30-100 mL, far below 250 mL) or as
 #: an axial cross-section wider than any trachea (``TRACHEA_AREA_MM2``): lung parenchyma
@@ -344,8 +349,8 @@ def _lung_air(coarse: np.ndarray, body: np.ndarray, grid: _Grid) -> np.ndarray:
     """Lung-like air inside the body: large components that lie where lungs lie.
 
     The largest component is a lung (unless it is uniform gas: no chest in the scan). Every
-    other one is kept unless it lies under the kept lung or outside the rib cage
-    (``MAX_OUTSIDE_SHARE``): stomach and bowel gas sit below the diaphragm, and severe
+    other one is kept unless it lies under the kept lung, in the chest wall or outside the
+    rib cage (``MAX_OUTSIDE_SHARE``): stomach and bowel gas sit below the diaphragm, and severe
     emphysema is as dark as gas, so HU cannot tell them apart while position can.
     """
     air = (coarse < LUNG_AIR_HU) & body
@@ -360,13 +365,18 @@ def _lung_air(coarse: np.ndarray, body: np.ndarray, grid: _Grid) -> np.ndarray:
         keep[big[0]] = True
         lung = labels == big[0]
         cage: Optional[np.ndarray] = None
+        depth = np.zeros(0)
         for lab in big[1:]:
             component = labels == lab
             if _under(component, lung) > MAX_OUTSIDE_SHARE:
                 log.info("air region of %.0f mL under the lungs: gas", sizes[lab] * grid.voxel_ml)
                 continue
             if cage is None:
-                cage = _rib_cage_hull(coarse > BONE_HU)
+                cage = _rib_cage_hull((coarse > BONE_HU) & body)  # not the table
+                depth = _inside_distance(body, grid.spacing_zyx)
+            if float(np.mean(depth[component] < CHEST_WALL_MIN_MM)) > MAX_OUTSIDE_SHARE:
+                log.info("air region of %.0f mL in the chest wall", sizes[lab] * grid.voxel_ml)
+                continue
             if float(np.mean(~cage[component])) > MAX_OUTSIDE_SHARE:
                 log.info("air region of %.0f mL outside the ribs", sizes[lab] * grid.voxel_ml)
                 continue
