@@ -27,8 +27,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from CovidCTDxLib.errors import InputError, LungsNotFoundError  # noqa: E402
-from CovidCTDxLib.io import read_ct  # noqa: E402
-from CovidCTDxLib.lungs import segment_lungs  # noqa: E402
+from CovidCTDxLib.io.readers import read_ct  # noqa: E402
+from CovidCTDxLib.lungs.engine import segment_lungs  # noqa: E402
 from CovidCTDxLib.result import LungMasks  # noqa: E402
 from CovidCTDxLib.synthetic import transforms as T  # noqa: E402
 from CovidCTDxLib.volume import CTVolume  # noqa: E402
