@@ -23,8 +23,10 @@ COVID_DICOM = COVID_DIR / "dicom"
 CAP_DIR = SHARED_DATA / "covid-ct-md-cap002"
 NORMAL_DIR = SHARED_DATA / "covid-ct-md-normal001"
 #: Fixtures that read ../shared/data: every test using one must be marked ``realdata``.
-SHARED_DATA_FIXTURES = {"a0001_reference", "covid_dicom_dir", "covid_infected_csv", "cap_dicom_dir", "cap_infected_csv",
-                        "normal_dicom_dir"}
+SHARED_DATA_FIXTURES = {
+    "a0001_reference", "a0001_tumour_boxes", "covid_dicom_dir", "covid_infected_csv", "cap_dicom_dir", "cap_infected_csv",
+    "normal_dicom_dir",
+}
 
 
 def pytest_collection_modifyitems(config, items) -> None:
@@ -50,6 +52,11 @@ def a0001_nii() -> Path:
 @pytest.fixture(scope="session")
 def a0001_reference() -> Path:
     return _need(A0001_REF)
+
+
+@pytest.fixture(scope="session")
+def a0001_tumour_boxes() -> Path:
+    return _need(A0001_DIR / "tumour_boxes.csv")
 
 
 @pytest.fixture(scope="session")

@@ -73,12 +73,12 @@ def _tumour_mask(shape, csv_path):
 
 @pytest.mark.realdata
 @pytest.mark.slow
-def test_a0001_small_lvr_apart_from_tumour(a0001, a0001_nii):
+def test_a0001_small_lvr_apart_from_tumour(a0001, a0001_tumour_boxes):
     """Non-COVID lung: dependent density, dome / apical partial volume and hilar vessels
     must not become lesions; the tumour must."""
     ct, right, left = a0001
     les = detect_lesions(ct, _lungs(right, left))
-    tumour = _tumour_mask(ct.shape, a0001_nii.parent / "tumour_boxes.csv")
+    tumour = _tumour_mask(ct.shape, a0001_tumour_boxes)
     lung = right | left
     outside = _lvr(les.lesion & ~tumour, lung)
     assert outside < 1.5, outside
