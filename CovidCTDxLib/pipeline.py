@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
-from .errors import CovidCTDxError
+from .errors import CovidCTDxError, WeightsError
 from .progress import CancelToken, Progress, ProgressCallback
 from .result import STAGE_DEPENDENCIES, STAGES, Classification, LesionMasks, Result
 from .volume import CTVolume
@@ -99,6 +99,13 @@ class PipelineOptions:
             raise CovidCTDxError(f"No stage selected; choose one or more of {', '.join(STAGES)}.")
         if self.lesion_source not in ("auto", "deepsc", "density"):
             raise CovidCTDxError(f"lesion_source must be auto, deepsc or density, not {self.lesion_source!r}.")
+        # Checked here, before any work: a mistyped path must not run everything and then report "not run".
+        if self.weights_dir is not None and not Path(self.weights_dir).is_dir():
+            raise WeightsError(f"Weights folder not found: {self.weights_dir} (it is not an existing folder).")
+        if self.lung_model is not None:
+            from .weights import check_weights_file
+
+            check_weights_file(self.lung_model)
 
     def weights_path(self, model: str) -> Path:
         explicit = self.deepsc_weights if model == "deepsc" else self.racnet_weights

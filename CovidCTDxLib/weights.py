@@ -243,14 +243,27 @@ def _sniff(path: Path, head: bytes, size: int) -> None:
         )
 
 
+def _digest(text: str, source: str) -> str:
+    """A SHA-256 hex digest from ``source``, refused when it is not one (not "does not match")."""
+    digest = text.strip().lower()
+    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise WeightsError(
+            f"{source} is malformed: expected a SHA-256 digest of 64 hex digits (as `sha256sum FILE > FILE.sha256` "
+            f"writes), found {text.strip()[:40]!r}. Recreate it."
+        )
+    return digest
+
+
 def _expected_digest(path: Path, expected: Optional[str]) -> Optional[str]:
     if expected:
-        return expected.strip().lower()
+        return _digest(expected, "The expected SHA-256")
     side = sha256_sidecar(path)
     if side.exists():
-        text = side.read_text().split()
-        if text:
-            return text[0].strip().lower()
+        try:
+            text = side.read_text().split()
+        except (OSError, UnicodeDecodeError):
+            text = ["(unreadable)"]
+        return _digest(text[0] if text else "", f"The checksum file {side.name}")
     card = card_sidecar(path)
     if card.exists():
         try:
@@ -286,6 +299,46 @@ class CheckedSafetensors:
             raise WeightsError(f"{self.path.name} could not be read as safetensors ({exc}). Restore the original file.") from exc
 
 
+def check_weights_file(path: PathLike) -> Path:
+    """Refuse a weights path that is a folder, missing, or has a malformed ``.sha256`` sidecar.
+
+    Cheap (no read of the weights), so option parsing calls it before any work starts.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise WeightsError(f"{path} is a folder, not a weights file; give the .safetensors file inside it.")
+    if not path.is_file():
+        raise WeightsError(f"Weights file not found: {path}. Check the path or reinstall the weights.")
+    _expected_digest(path, None)
+    return path
+
+
+def describe_mismatch(
+    expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
+) -> str:
+    """One line on why ``state`` does not fit a network whose state dict is ``expected`` ("" if it fits).
+
+    Why not torch's message: for another model's weights it lists every key, 10 KB on one line.
+    """
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if not (missing or unexpected or wrong):
+        return ""
+    if META_CARD in metadata:
+        try:
+            architecture = json.loads(metadata[META_CARD]).get("architecture", "another model")
+        except (ValueError, AttributeError):
+            architecture = "another model"
+        return f"it is a CovidCTDx '{architecture}' weights file with {len(state)} tensors, made for that model"
+    parts = [
+        f"{len(keys)} tensor(s) {label}, e.g. {', '.join(keys[:3])}"
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("with another shape", wrong))
+        if keys
+    ]
+    return f"of {len(expected)} expected tensors: " + "; ".join(parts)
+
+
 def read_checked_safetensors(path: PathLike, expected_sha256: Optional[str] = None) -> CheckedSafetensors:
     """Read a user-given safetensors file, refusing it before parsing if it is unsafe.
 
@@ -294,13 +347,11 @@ def read_checked_safetensors(path: PathLike, expected_sha256: Optional[str] = No
     header, and must match ``expected_sha256`` (else its ``.sha256`` sidecar, else its JSON
     card) when one of them exists.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"Weights file not found: {path}. Check the path or reinstall the weights.")
+    path = check_weights_file(path)
+    want = _expected_digest(path, expected_sha256)
     data = path.read_bytes()
     _sniff(path, data[:9], len(data))
     digest = hashlib.sha256(data).hexdigest()
-    want = _expected_digest(path, expected_sha256)
     if want is not None and want != digest:
         raise WeightsError(
             f"{path.name} does not match its SHA-256 (expected {want[:16]}…, file has {digest[:16]}…): "

@@ -181,7 +181,7 @@ def test_findings_recompute_after_an_edit_halves_the_lesion(full_run, covid_phan
 
 def test_phantom_command_writes_volume_and_truth(tmp_path):
     assert main(["-q", "phantom", str(tmp_path / "p.nii.gz"), "--kind", "cap", "--severity", "mild", "--seed", "3",
-                 "--shape", "48,128,128", "--spacing", "2.5,2.5,5", "--truth", str(tmp_path / "t.seg.nrrd")]) == 0
+                 "--shape", "128,128,48", "--spacing", "2.5,2.5,5", "--truth", str(tmp_path / "t.seg.nrrd")]) == 0
     ct = read_ct(tmp_path / "p.nii.gz")
     assert ct.shape == (48, 128, 128)
     truth = read_segmentation(tmp_path / "t.seg.nrrd", ct)
