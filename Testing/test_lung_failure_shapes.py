@@ -13,6 +13,7 @@ import functools
 
 import numpy as np
 import pytest
+from lung_junction import join_lungs
 from scipy import ndimage as ndi
 
 from CovidCTDxLib.evaluation.scan_metrics import dice as dice_score
@@ -168,21 +169,8 @@ def test_lungs_joined_at_the_posterior_junction_keep_their_sides():
     """Aerated lung bridging the two lungs behind the oesophagus, in front of the spine
     (the posterior junction line), over 30 slices: one air region, two named lungs."""
     p = make_phantom(kind="normal", seed=25)
-    right, left = p.right_lung.copy(), p.left_lung.copy()
-    zs = np.nonzero(p.lungs.any(axis=(1, 2)))[0]
-    bridge = np.zeros_like(right)
-    for z in zs[len(zs) // 2 - 15 : len(zs) // 2 + 15]:
-        rows = np.nonzero(right[z].any(axis=1) & left[z].any(axis=1))[0]
-        for y in rows[-12:-6]:  # posterior rows, in front of the lungs' most posterior reach
-            x0, x1 = np.nonzero(right[z, y])[0].max(), np.nonzero(left[z, y])[0].min()
-            bridge[z, y, x0 : x1 + 1] = True
-    bridge &= ~p.lungs & (p.ct.array < 300)  # not through the spine
-    array = p.ct.array.copy()
-    array[bridge] = -850
-    x = np.arange(array.shape[2])[None, None, :]
-    mid = 0.5 * (np.nonzero(right)[2].max() + np.nonzero(left)[2].min())
-    right |= bridge & (x <= mid)
-    left |= bridge & (x > mid)
+    # posterior rows, in front of the lungs' most posterior reach; not through the spine
+    array, right, left, _ = join_lungs(p, (15, 15), lambda rows: rows[-12:-6], max_hu=300)
     assert ndi.label(right | left)[1] < ndi.label(p.lungs)[1], "the bridge joins the lungs"
     m = segment_lungs(p.ct.with_array(array))
     _assert_lungs(m, right, left)
