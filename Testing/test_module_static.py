@@ -10,6 +10,7 @@ and the terminology file carries the codes from TERMINOLOGY.md.
 from __future__ import annotations
 
 import ast
+import importlib.util
 import json
 import re
 import struct
@@ -195,14 +196,15 @@ def test_extension_cmake_is_a_valid_slicer_extension():
     positions = [text.index(s) for s in order]
     assert positions == sorted(positions)
     # The library and the shared resources the module looks up at run time are installed,
-    # listed file by file (no glob): exactly the files in the tree.
-    scripts = _cmake_list(text, "COVIDCTDX_LIB_SCRIPTS", {})
-    on_disk = {p.relative_to(REPO).as_posix() for p in (REPO / "CovidCTDxLib").rglob("*.py") if "__pycache__" not in p.parts}
-    assert set(scripts) == on_disk, "run python tools/update_cmake_lists.py"
-    resources = _cmake_list(text, "COVIDCTDX_LIB_RESOURCES", {})
-    for folder in ("Resources/Terminology", "Resources/SampleData", "Resources/weights"):
-        files = {p.relative_to(REPO).as_posix() for p in (REPO / folder).iterdir() if p.is_file()}
-        assert files and files <= set(resources), "run python tools/update_cmake_lists.py"
+    # listed file by file (no glob): exactly the files the list tool finds in the tree.
+    spec = importlib.util.spec_from_file_location("update_cmake_lists", REPO / "tools" / "update_cmake_lists.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    for variable, files in tool.LISTS.items():
+        in_tree = {p.relative_to(REPO).as_posix() for p in files()}
+        assert in_tree and set(_cmake_list(text, variable, {})) == in_tree, "run python tools/update_cmake_lists.py"
+    assert any(p.endswith("CovidCTDxLib/pipeline.py") for p in _cmake_list(text, "COVIDCTDX_LIB_SCRIPTS", {}))
+    assert "Resources/Terminology/CovidCTDx.term.json" in _cmake_list(text, "COVIDCTDX_LIB_RESOURCES", {})
     assert "GLOB" not in text
     assert (MODULE_DIR / "Testing" / "Python" / "CMakeLists.txt").exists()
 
