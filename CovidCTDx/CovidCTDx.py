@@ -8,7 +8,6 @@ confirms, on first use.
 """
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import sys
@@ -59,7 +58,14 @@ def resourceFile(*parts: str) -> Optional[Path]:
 
 SAMPLE_DATA_FILE = ("SampleData", "A0001_chest_ct.nii.gz")
 TERMINOLOGY_FILE = ("Terminology", "CovidCTDx.term.json")
-STAGE_KEYS = ("lungs", "deepsc", "racnet", "findings")
+
+
+def stageKeys() -> Sequence[str]:
+    """The pipeline's stage names, from the library's one list (imported on use, not at load)."""
+    from CovidCTDxLib.result import STAGES
+
+    return STAGES
+
 #: Python packages the pipeline imports (import name → pip name); torch comes from PyTorch Utils.
 PYTHON_REQUIREMENTS = {
     "scipy": "scipy",
@@ -213,6 +219,17 @@ class CovidCTDxWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._stopJob()
         self.removeObservers()
 
+    def onReload(self) -> None:
+        """Reload the library too, not only this file (as SlicerMONAIAuto3DSeg does for its lib).
+
+        The module imports ``CovidCTDxLib`` lazily, inside the calls that need it, so dropping
+        every loaded library module from ``sys.modules`` makes the next call import the edited
+        code; Slicer's own reload then re-imports this file.
+        """
+        for name in [n for n in sys.modules if n == "CovidCTDxLib" or n.startswith("CovidCTDxLib.")]:
+            del sys.modules[name]
+        ScriptedLoadableModuleWidget.onReload(self)
+
     def enter(self) -> None:
         self.initializeParameterNode()
 
@@ -270,7 +287,7 @@ class CovidCTDxWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def selectedStages(self) -> List[str]:
         p = self._parameterNode
         chosen = {"lungs": p.runLungs, "deepsc": p.runDeepSC, "racnet": p.runRACNet, "findings": p.runFindings}
-        return [s for s in STAGE_KEYS if chosen[s]]
+        return [s for s in stageKeys() if chosen[s]]
 
     def onWeightsPathChanged(self, path: str) -> None:
         if self._parameterNode is not None and self._parameterNode.weightsDirectory != path:
@@ -287,13 +304,14 @@ class CovidCTDxWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.syntheticWarningLabel.setVisible(False)
             return
         self.ui.modelCardTextBrowser.setHtml(self.logic.modelCardsHtml(cards))
-        self.ui.syntheticWarningLabel.setVisible(any(card.get("synthetic", True) for card in cards))
+        self.ui.syntheticWarningLabel.setVisible(any(card.get("synthetic") is not False for card in cards))
 
     def updateSummary(self) -> None:
         summary = self.logic.summary(self._parameterNode)
         self.ui.classificationLabel.text = summary["classification"]
         self.ui.severityLabel.text = summary["severity"]
         self.ui.metricsLabel.text = summary["metrics"]
+        self.ui.readingLabel.text = summary["reading"]
         self.ui.resultProvenanceLabel.text = summary["provenance"]
 
     # ------------------------------------------------------------------ run / cancel
@@ -403,9 +421,9 @@ class CovidCTDxLogic(ScriptedLoadableModuleLogic):
             missing.append("torch")
         return missing
 
-    def ensureDependencies(self, stages: Sequence[str] = STAGE_KEYS, askConfirmation: bool = True) -> bool:
+    def ensureDependencies(self, stages: Optional[Sequence[str]] = None, askConfirmation: bool = True) -> bool:
         """Install what the selected stages need, after the user agrees. Never runs at import."""
-        missing = self.missingPackages(stages)
+        missing = self.missingPackages(stages or stageKeys())
         if not missing:
             return True
         if askConfirmation and not slicer.util.confirmOkCancelDisplay(
@@ -417,8 +435,8 @@ class CovidCTDxLogic(ScriptedLoadableModuleLogic):
         if "torch" in missing:
             try:
                 import PyTorchUtils
-            except ModuleNotFoundError:
-                raise RuntimeError(_("CovidCTDx needs the PyTorch extension: install it from the Extensions Manager."))
+            except ModuleNotFoundError as exc:
+                raise RuntimeError(_("CovidCTDx needs the PyTorch extension: install it from the Extensions Manager.")) from exc
             torchLogic = PyTorchUtils.PyTorchUtilsLogic()
             if not torchLogic.torchInstalled():
                 if torchLogic.installTorch(askConfirmation=False, torchVersionRequirement=f">={MINIMUM_TORCH_VERSION}") is None:
@@ -426,7 +444,7 @@ class CovidCTDxLogic(ScriptedLoadableModuleLogic):
             missing.remove("torch")
         if missing:
             slicer.util.pip_install(missing)
-        return not self.missingPackages(stages)
+        return not self.missingPackages(stages or stageKeys())
 
     # ------------------------------------------------------------------ models
     @staticmethod
@@ -438,40 +456,22 @@ class CovidCTDxLogic(ScriptedLoadableModuleLogic):
 
     def modelCards(self, weightsDir: Optional[str]) -> List[Dict]:
         """Model cards (JSON sidecars of the .safetensors files); read without importing torch."""
-        folder = self.weightsDirectory(weightsDir)
-        cards = []
-        if folder.is_dir():
-            for weights in sorted(folder.glob("*.safetensors")):
-                card_path = weights.with_suffix(".json")
-                try:
-                    card = json.loads(card_path.read_text()) if card_path.exists() else {}
-                except ValueError:
-                    card = {}
-                card.setdefault("architecture", weights.stem)
-                card["file"] = weights.name
-                cards.append(card)
-        return cards
+        from CovidCTDxLib.weights import read_model_cards
+
+        return read_model_cards(self.weightsDirectory(weightsDir))
 
     @staticmethod
     def modelCardsHtml(cards: List[Dict]) -> str:
-        parts = []
-        for card in cards:
-            metrics = ", ".join(f"{k}: {v}" for k, v in (card.get("metrics") or {}).items())
-            parts.append(
-                f"<p><b>{card.get('architecture')}</b> ({card['file']})<br>"
-                f"Trained on: {card.get('training_data', 'unknown')}<br>"
-                + (f"Metrics: {metrics}<br>" if metrics else "")
-                + (f"<span style='color:#c00'>{card['label']}</span>" if card.get("label") else "")
-                + "</p>"
-            )
-        return "".join(parts)
+        from CovidCTDxLib.slicer_bridge.panel_text import model_cards_html
+
+        return model_cards_html(cards)
 
     # ------------------------------------------------------------------ processing
-    def _options(self, stages: Sequence[str], weightsDir: Optional[str], lungModel: Optional[str] = None):
+    def _options(self, stages: Optional[Sequence[str]], weightsDir: Optional[str], lungModel: Optional[str] = None):
         from CovidCTDxLib.pipeline import PipelineOptions
 
         return PipelineOptions(
-            stages=tuple(stages),
+            stages=tuple(stages or stageKeys()),
             weights_dir=self.weightsDirectory(weightsDir),
             lung_model=Path(lungModel) if lungModel else None,
         )
@@ -479,7 +479,7 @@ class CovidCTDxLogic(ScriptedLoadableModuleLogic):
     def process(
         self,
         volumeNode,
-        stages: Sequence[str] = STAGE_KEYS,
+        stages: Optional[Sequence[str]] = None,
         weightsDir: Optional[str] = None,
         progressCallback: Optional[Callable[[float, str], None]] = None,
         closedSurface: bool = True,
@@ -498,7 +498,7 @@ class CovidCTDxLogic(ScriptedLoadableModuleLogic):
         result = run_pipeline(ct, self._options(stages, weightsDir, lungModel), progress=progressCallback)
         return scene_writer.write_result_to_scene(slicer.mrmlScene, result, volumeNode, closed_surface=closedSurface)
 
-    def startBackgroundProcessing(self, volumeNode, stages: Sequence[str] = STAGE_KEYS, weightsDir: Optional[str] = None,
+    def startBackgroundProcessing(self, volumeNode, stages: Optional[Sequence[str]] = None, weightsDir: Optional[str] = None,
                                   lungModel: Optional[str] = None):
         """Start the pipeline in a ``PythonSlicer`` process; poll the returned WorkerJob."""
         from CovidCTDxLib.app.worker import WorkerJob
@@ -519,7 +519,7 @@ class CovidCTDxLogic(ScriptedLoadableModuleLogic):
 
         return scene_writer.recompute_findings(slicer.mrmlScene, segmentationNode, volumeNode, tableNode)
 
-    def processFolder(self, folder: str, outDir: str, stages: Sequence[str] = STAGE_KEYS, weightsDir: Optional[str] = None,
+    def processFolder(self, folder: str, outDir: str, stages: Optional[Sequence[str]] = None, weightsDir: Optional[str] = None,
                       progressCallback: Optional[Callable[[float, str], None]] = None,
                       lungModel: Optional[str] = None) -> Dict[str, str]:
         """Headless batch: every CT in ``folder`` → ``outDir/<case>/`` (CLI output files)."""
@@ -542,34 +542,12 @@ class CovidCTDxLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def summary(parameterNode) -> Dict[str, str]:
         """One-line texts for the result panel, read back from the output nodes."""
-        from CovidCTDxLib.result import CLASS_NAMES
-        from CovidCTDxLib.slicer_bridge import segmentation, tables
+        from CovidCTDxLib.slicer_bridge.panel_text import summary_texts
 
-        text = {"classification": "–", "severity": "–", "metrics": "–", "provenance": ""}
-        prefix = segmentation.ATTRIBUTE_PREFIX
-        table = parameterNode.outputClassificationTable if parameterNode else None
-        if table is not None and table.GetAttribute(prefix + "label"):
-            probs = json.loads(table.GetAttribute(prefix + "probabilities") or "{}")
-            label = table.GetAttribute(prefix + "label")
-            text["classification"] = f"{CLASS_NAMES.get(label, label)} — " + ", ".join(
-                f"{CLASS_NAMES.get(k, k)} {100 * v:.0f}%" for k, v in probs.items())
-            if table.GetAttribute(prefix + "weights.label"):
-                text["provenance"] = table.GetAttribute(prefix + "weights.label")
-        table = parameterNode.outputSeverityTable if parameterNode else None
-        if table is not None and table.GetAttribute(prefix + "label"):
-            ood = table.GetAttribute(prefix + "out_of_distribution") == "true"
-            text["severity"] = table.GetAttribute(prefix + "label") + (" (out of distribution: unreliable)" if ood else "")
-        findings = tables.findings_from_table(parameterNode.outputFindingsTable if parameterNode else None)
-        if findings:
-            shown = []
-            for key, label, unit in (("lesion_count", "lesions", ""), ("lesion_volume_ml", "lesion volume", " mL"),
-                                     ("lesion_volume_ratio_percent", "LVR", " %"),
-                                     ("peripheral_lesion_ratio_percent", "peripheral", " %")):
-                value = findings.get(key)
-                if isinstance(value, (int, float)):
-                    shown.append(f"{label} {value:.4g}{unit}")
-            text["metrics"] = ", ".join(shown) or "–"
-        return text
+        if parameterNode is None:
+            return summary_texts(None, None, None)
+        return summary_texts(parameterNode.outputClassificationTable, parameterNode.outputSeverityTable,
+                             parameterNode.outputFindingsTable)
 
 
 #

@@ -35,5 +35,9 @@ class WeightsError(CovidCTDxError):
     """A weights file is missing, corrupt, tampered with, or made for another model."""
 
 
+class OutputError(CovidCTDxError):
+    """The output location cannot take the results (a file, read-only, full, or locked by another run)."""
+
+
 class CancelledError(CovidCTDxError):
     """The user cancelled a running job; nothing was written."""

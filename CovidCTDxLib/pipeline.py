@@ -15,21 +15,48 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
-from .errors import CovidCTDxError
+from .errors import CovidCTDxError, WeightsError
 from .progress import CancelToken, Progress, ProgressCallback
-from .result import Classification, LesionMasks, Result
+from .result import STAGE_DEPENDENCIES, STAGES, Classification, LesionMasks, Result
 from .volume import CTVolume
 
 log = logging.getLogger(__name__)
 
-STAGES = ("lungs", "deepsc", "racnet", "findings")
 DEEPSC_WEIGHTS = "deepsc_demo.safetensors"
 RACNET_WEIGHTS = "racnet_demo.safetensors"
 
 #: Share of the progress bar each stage gets (sums to 1).
 _PROGRESS_SPAN = {"lungs": (0.0, 0.2), "deepsc": (0.2, 0.6), "lesions": (0.6, 0.7), "racnet": (0.7, 0.85), "findings": (0.85, 1.0)}
+
+
+def parse_stages(text: str) -> Tuple[str, ...]:
+    """Stage names from a comma-separated list as users type it ("Lungs, DeepSC"), in run order.
+
+    Case and spaces do not matter; an empty list or an unknown name is refused (an empty
+    ``--stages ""`` used to run everything, which is not what anyone typing it meant).
+    """
+    names = [part.strip().lower() for part in text.split(",") if part.strip()]
+    if not names:
+        raise CovidCTDxError(f"No stage given; choose one or more of {', '.join(STAGES)}.")
+    unknown = sorted(set(names) - set(STAGES))
+    if unknown:
+        raise CovidCTDxError(f"Unknown stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}.")
+    return tuple(s for s in STAGES if s in names)
+
+
+def resolve_stages(requested: Sequence[str]) -> Tuple[Tuple[str, ...], Dict[str, List[str]]]:
+    """The stages to run (requested + their declared dependencies, in run order), and which
+    dependencies were added for which requested stages, so the run can say so."""
+    added: Dict[str, List[str]] = {}
+    chosen = set(requested)
+    for stage in requested:
+        for needed in STAGE_DEPENDENCIES[stage]:
+            if needed not in requested:
+                added.setdefault(needed, []).append(stage)
+                chosen.add(needed)
+    return tuple(s for s in STAGES if s in chosen), added
 
 
 def default_weights_dir() -> Path:
@@ -68,8 +95,17 @@ class PipelineOptions:
         unknown = set(self.stages) - set(STAGES)
         if unknown:
             raise CovidCTDxError(f"Unknown stage(s) {sorted(unknown)}; choose from {', '.join(STAGES)}.")
+        if not self.stages:
+            raise CovidCTDxError(f"No stage selected; choose one or more of {', '.join(STAGES)}.")
         if self.lesion_source not in ("auto", "deepsc", "density"):
             raise CovidCTDxError(f"lesion_source must be auto, deepsc or density, not {self.lesion_source!r}.")
+        # Checked here, before any work: a mistyped path must not run everything and then report "not run".
+        if self.weights_dir is not None and not Path(self.weights_dir).is_dir():
+            raise WeightsError(f"Weights folder not found: {self.weights_dir} (it is not an existing folder).")
+        if self.lung_model is not None:
+            from .weights import check_weights_file
+
+            check_weights_file(self.lung_model)
 
     def weights_path(self, model: str) -> Path:
         explicit = self.deepsc_weights if model == "deepsc" else self.racnet_weights
@@ -114,12 +150,15 @@ def run_pipeline(
     reporter = Progress(progress, cancel)
     result = Result(ct=ct)
     timer = _Timer(result)
-    stages = set(options.stages)
+    run_order, result.added_stages = resolve_stages(options.stages)
+    result.stages = list(run_order)
+    for stage, needed_by in result.added_stages.items():
+        log.info("Running %s as a dependency of %s.", stage, ", ".join(needed_by))
+    stages = set(run_order)
     start = time.perf_counter()
 
     # ---------------------------------------------------------------- lungs
-    needs_lungs = bool(stages)
-    if needs_lungs:
+    if "lungs" in stages:
         from .lungs.engine import segment_lungs
         from .lungs.zones import compute_zones
 
@@ -155,12 +194,10 @@ def run_pipeline(
 
     # ---------------------------------------------------------------- findings
     if "findings" in stages and result.lesions is not None:
-        from .findings.metrics import compute_findings
-
         step = reporter.sub(*_PROGRESS_SPAN["findings"])
         with timer("findings"):
             step(0.0, "Computing lesion findings")
-            result.findings = compute_findings(ct, result.lungs, result.lesions, result.zones)
+            run_findings_stage(result)
             step(1.0, "Findings done")
     elif "findings" not in stages:
         result.skipped["findings"] = "Findings stage not selected."
@@ -170,6 +207,19 @@ def run_pipeline(
     result.timings_s["total"] = round(time.perf_counter() - start, 3)
     reporter(1.0, "Done")
     return result
+
+
+def run_findings_stage(result: Result) -> None:
+    """Findings from the Result's lungs, zones and lesions, and the rule-based reading of them.
+
+    One function for the pipeline and for the recompute after an edit (CLI ``findings``, the
+    Slicer bridge), so every front door shows the same reading of the same findings.
+    """
+    from .findings.metrics import compute_findings
+    from .findings.reading import read_findings
+
+    result.findings = compute_findings(result.ct, result.lungs, result.lesions, result.zones)
+    result.reading = read_findings(result.findings)
 
 
 def _load_stage_weights(result: Result, options: PipelineOptions, model: str, output_key: str, title: str, step: Progress):

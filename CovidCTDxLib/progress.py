@@ -64,7 +64,3 @@ class Progress:
         """A child reporter covering ``[start, end]`` of this reporter's range."""
         span = self.end - self.start
         return Progress(self.callback, self.cancel, self.start + span * start, self.start + span * end)
-
-    def check_cancel(self) -> None:
-        if self.cancel is not None:
-            self.cancel.check()

@@ -19,6 +19,10 @@ CLASS_NAMES = {"covid19": "COVID-19", "cap": "Community-acquired pneumonia", "no
 SEVERITY_KEYS = ("mild", "moderate", "severe", "critical")
 
 NOT_FOR_DIAGNOSIS = "synthetic training data — not for diagnosis"
+#: The pipeline's stages, in run order: the one list the CLI, the worker and the Slicer module use.
+STAGES = ("lungs", "deepsc", "racnet", "findings")
+#: What each stage needs run before it: every model and the findings work inside the lung mask.
+STAGE_DEPENDENCIES = {"lungs": (), "deepsc": ("lungs",), "racnet": ("lungs",), "findings": ("lungs",)}
 
 
 @dataclass
@@ -144,6 +148,11 @@ class Result:
     evidence: Optional[np.ndarray] = None  # float32 0..1 on the CT grid (CAM)
     classification: Optional[Classification] = None
     severity: Optional[Severity] = None
-    findings: Optional[Any] = None  # findings.Findings
+    findings: Optional[Any] = None  # findings.metrics.Findings
+    reading: Optional[Any] = None  # findings.reading.Reading: the rule-based reading of the findings
     skipped: Dict[str, str] = field(default_factory=dict)
+    #: Stages run, in order (requested ones plus their dependencies).
+    stages: List[str] = field(default_factory=list)
+    #: Stages run only because a selected stage needs them, with the stages that needed them.
+    added_stages: Dict[str, List[str]] = field(default_factory=dict)
     timings_s: Dict[str, float] = field(default_factory=dict)

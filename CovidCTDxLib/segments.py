@@ -2,8 +2,8 @@
 
 Why one table: a segment must carry the same ID, name, colour and terminology whether it
 was written by the CLI or created in a Slicer scene, so that a seg.nrrd saved from Slicer
-reads back into the CLI (``covidctdx findings``) and vice versa. Codes follow
-``../shared/TERMINOLOGY.md``.
+reads back into the CLI (``covidctdx findings``) and vice versa. Codes (SNOMED CT) are those of
+the terminology file ``Resources/Terminology/CovidCTDx.term.json``.
 
 Colours: the lungs use the colour Slicer's General Anatomy list gives "Lung"
 (197, 165, 145). Slicer has no entries for COVID-19 infiltrate, ground glass or
@@ -20,7 +20,7 @@ terminology file in ``Resources/Terminology`` documents the same choice.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 ANATOMY_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
 COVIDCTDX_CONTEXT = "Segmentation category and type - CovidCTDx"
@@ -95,7 +95,3 @@ SEGMENTS: Dict[str, SegmentSpec] = {
 
 #: Display order of the output segments.
 SEGMENT_ORDER = ("right_lung", "left_lung", "airways", "lesion", "ggo", "consolidation", "deepsc_lesion")
-
-
-def spec_for(segment_id: str) -> Optional[SegmentSpec]:
-    return SEGMENTS.get(segment_id)

@@ -1,6 +1,6 @@
 """The validated CT volume every stage works on.
 
-Conventions (see DESIGN.md): ``array`` is numpy in (z, y, x) order, like
+Conventions (see docs/ARCHITECTURE.md): ``array`` is numpy in (z, y, x) order, like
 ``slicer.util.arrayFromVolume``; ``spacing`` and ``origin`` are (x, y, z) in mm; ``direction``
 is a 3x3 matrix whose columns are the patient-space (LPS, as in SimpleITK and DICOM)
 directions of the i, j, k voxel axes. Left/right, anterior/posterior and head/feet are
@@ -9,12 +9,15 @@ still gets the patient's left lung labelled left.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, List, Tuple
 
 import numpy as np
 
 from .errors import GeometryError, NotCTError
+
+log = logging.getLogger(__name__)
 
 #: HU below which nothing physical exists in a CT (air is -1000; padding is often -2048
 #: or -3024 and is clipped by readers, so we allow down to -3024 before refusing).
@@ -31,6 +34,13 @@ MAX_SPACING_MM = 30.0
 #: Smallest physical extent (mm) in-plane that can hold a chest; z may be partial.
 MIN_CHEST_WIDTH_MM = 120.0
 MIN_CHEST_HEIGHT_MM = 15.0
+#: Coarser than this in-plane (mm per voxel, or fewer voxels across) a lung is a handful of
+#: voxels: every downstream number would be noise, so such volumes are refused.
+MAX_INPLANE_SPACING_MM = 6.0
+MIN_INPLANE_VOXELS = 32
+#: Slices farther apart than this (mm) still run, with a recorded warning: volumes are
+#: approximate and lesions between slices are missed.
+THICK_SLICE_WARNING_MM = 10.0
 
 # Patient-space axes in LPS.
 LPS_LEFT = np.array([1.0, 0.0, 0.0])
@@ -172,15 +182,33 @@ class CTVolume:
         """Same geometry, new voxel data (e.g. a resampled or lesion-inserted copy)."""
         if array.shape != self.array.shape:
             raise ValueError(f"array shape {array.shape} != volume shape {self.array.shape}")
-        return CTVolume(array, self.spacing, self.origin, self.direction.copy(), {**self.metadata, **metadata})
+        copy = CTVolume(array, self.spacing, self.origin, self.direction.copy(), {**self.metadata, **metadata})
+        copy.metadata["warnings"] = list(self.warnings)  # a warning on the copy must not change the original
+        return copy
 
     # ----------------------------------------------------------------- validation
+    @property
+    def warnings(self) -> List[str]:
+        """Facts about the input a reader of the results must know (kept in results.json ``input``)."""
+        return self.metadata.setdefault("warnings", [])
+
+    def warn(self, message: str) -> None:
+        """Log a warning and record it once with the volume, so it reaches results.json and the report."""
+        if message not in self.warnings:
+            log.warning("%s", message)
+            self.warnings.append(message)
+
     def validate(self, check_hu: bool = True) -> "CTVolume":
         """Check that this can be a chest CT in HU; raise a specific error otherwise.
 
         Returns self so that readers can ``return CTVolume(...).validate()``.
         """
         validate_geometry(self.array.shape, self.spacing, self.direction)
+        if self.spacing[2] > THICK_SLICE_WARNING_MM:
+            self.warn(
+                f"Slices are {self.spacing[2]:.1f} mm apart ({self.spacing[0]:.2f} x {self.spacing[1]:.2f} mm in-plane): "
+                "lung and lesion volumes are approximate and lesions between slices are missed."
+            )
         if check_hu:
             validate_hu(self.array)
         return self
@@ -219,6 +247,12 @@ def validate_geometry(shape: Tuple[int, ...], spacing: Tuple[float, ...], direct
             f"The volume covers only {width:.0f} x {height:.0f} x {length:.0f} mm, too small to contain "
             f"a chest (need ≥ {MIN_CHEST_WIDTH_MM:.0f} mm in-plane and ≥ {MIN_CHEST_HEIGHT_MM:.0f} mm along z)."
         )
+    if max(spacing[:2]) > MAX_INPLANE_SPACING_MM or min(nx, ny) < MIN_INPLANE_VOXELS:
+        raise GeometryError(
+            f"The volume is too coarse to hold lungs: {nx} x {ny} voxels in-plane at {spacing[0]:g} x {spacing[1]:g} mm "
+            f"(need ≤ {MAX_INPLANE_SPACING_MM:g} mm and ≥ {MIN_INPLANE_VOXELS} voxels across). "
+            "Use the original reconstruction, not a thumbnail or a downsampled copy."
+        )
 
 
 def validate_hu(array: np.ndarray) -> None:
@@ -232,11 +266,10 @@ def validate_hu(array: np.ndarray) -> None:
         raise NotCTError("The image contains no voxels.")
     if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
         raise NotCTError(f"Voxel type {array.dtype} is not a CT intensity type.")
+    check_finite(array)
     # A strided sample keeps this O(1 MB) even for a 512x512x1000 volume.
     step = max(1, array.size // 2_000_000)
     sample = np.asarray(array.reshape(-1)[::step], dtype=np.float32)
-    if not np.all(np.isfinite(sample)):
-        raise NotCTError("The image contains NaN or infinite values; it is not a CT in HU.")
     lo, hi = float(sample.min()), float(sample.max())
     if lo < MIN_PLAUSIBLE_HU or hi > MAX_PLAUSIBLE_HU:
         raise NotCTError(
@@ -259,4 +292,22 @@ def validate_hu(array: np.ndarray) -> None:
         raise NotCTError(
             f"Almost no soft-tissue voxels (> {SOFT_TISSUE_HU:.0f} HU): values range {lo:.0f}..{hi:.0f}. "
             "This is not a chest CT in HU."
+        )
+
+
+def check_finite(values: np.ndarray, source: str = "The image") -> None:
+    """Refuse NaN/Inf anywhere (not on a sample: one NaN voxel would poison every sum).
+
+    The one check for every format: :func:`validate_hu` runs it on the array, and readers
+    whose library silently turns NaN into 0 (ITK's NIfTI reader) run it on the raw voxels.
+    Integer data cannot hold NaN and costs nothing.
+    """
+    if not np.issubdtype(values.dtype, np.floating):
+        return
+    finite = np.isfinite(values)
+    if not finite.all():
+        bad = int(finite.size - np.count_nonzero(finite))
+        raise NotCTError(
+            f"{source} contains {bad} NaN or infinite value(s) out of {finite.size}; it is not a CT in HU. "
+            "Fix the conversion that produced it."
         )

@@ -27,13 +27,14 @@ import logging
 import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Union
-
-import torch
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Union
 
 from . import __version__
 from .errors import WeightsError
 from .result import NOT_FOR_DIAGNOSIS, Provenance
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: reading model cards needs no torch
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +130,33 @@ def card_sidecar(path: PathLike) -> Path:
     return Path(path).with_suffix(".json")
 
 
+def read_model_cards(folder: PathLike) -> List[Dict[str, Any]]:
+    """The model cards (JSON sidecars) of every ``*.safetensors`` in ``folder``, without torch.
+
+    Why from the sidecars: the Slicer panel shows what the weights are before torch is even
+    installed. A missing or unreadable sidecar gives a card with only the file name, and
+    ``synthetic`` unknown (None), never a claim the file does not make.
+    """
+    cards: List[Dict[str, Any]] = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return cards
+    for weights in sorted(folder.glob("*.safetensors")):
+        sidecar = card_sidecar(weights)
+        try:
+            card = json.loads(sidecar.read_text()) if sidecar.exists() else {}
+        except (OSError, ValueError):
+            log.warning("Model card %s is unreadable; showing the file name only.", sidecar)
+            card = {}
+        if not isinstance(card, dict):
+            card = {}
+        card.setdefault("architecture", weights.stem)
+        card.setdefault("synthetic", None)
+        card["file"] = weights.name
+        cards.append(card)
+    return cards
+
+
 def file_sha256(path: PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -172,6 +200,8 @@ def save_weights(path: PathLike, state_dict: Mapping[str, torch.Tensor], card: M
     shared storage). Non-tensor entries are an error: they would need pickle.
     """
     path = Path(path)
+    import torch
+
     tensors: Dict[str, torch.Tensor] = {}
     for k, v in state_dict.items():
         if not isinstance(v, torch.Tensor):
@@ -213,14 +243,27 @@ def _sniff(path: Path, head: bytes, size: int) -> None:
         )
 
 
+def _digest(text: str, source: str) -> str:
+    """A SHA-256 hex digest from ``source``, refused when it is not one (not "does not match")."""
+    digest = text.strip().lower()
+    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise WeightsError(
+            f"{source} is malformed: expected a SHA-256 digest of 64 hex digits (as `sha256sum FILE > FILE.sha256` "
+            f"writes), found {text.strip()[:40]!r}. Recreate it."
+        )
+    return digest
+
+
 def _expected_digest(path: Path, expected: Optional[str]) -> Optional[str]:
     if expected:
-        return expected.strip().lower()
+        return _digest(expected, "The expected SHA-256")
     side = sha256_sidecar(path)
     if side.exists():
-        text = side.read_text().split()
-        if text:
-            return text[0].strip().lower()
+        try:
+            text = side.read_text().split()
+        except (OSError, UnicodeDecodeError):
+            text = ["(unreadable)"]
+        return _digest(text[0] if text else "", f"The checksum file {side.name}")
     card = card_sidecar(path)
     if card.exists():
         try:
@@ -256,6 +299,46 @@ class CheckedSafetensors:
             raise WeightsError(f"{self.path.name} could not be read as safetensors ({exc}). Restore the original file.") from exc
 
 
+def check_weights_file(path: PathLike) -> Path:
+    """Refuse a weights path that is a folder, missing, or has a malformed ``.sha256`` sidecar.
+
+    Cheap (no read of the weights), so option parsing calls it before any work starts.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise WeightsError(f"{path} is a folder, not a weights file; give the .safetensors file inside it.")
+    if not path.is_file():
+        raise WeightsError(f"Weights file not found: {path}. Check the path or reinstall the weights.")
+    _expected_digest(path, None)
+    return path
+
+
+def describe_mismatch(
+    expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
+) -> str:
+    """One line on why ``state`` does not fit a network whose state dict is ``expected`` ("" if it fits).
+
+    Why not torch's message: for another model's weights it lists every key, 10 KB on one line.
+    """
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if not (missing or unexpected or wrong):
+        return ""
+    if META_CARD in metadata:
+        try:
+            architecture = json.loads(metadata[META_CARD]).get("architecture", "another model")
+        except (ValueError, AttributeError):
+            architecture = "another model"
+        return f"it is a CovidCTDx '{architecture}' weights file with {len(state)} tensors, made for that model"
+    parts = [
+        f"{len(keys)} tensor(s) {label}, e.g. {', '.join(keys[:3])}"
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("with another shape", wrong))
+        if keys
+    ]
+    return f"of {len(expected)} expected tensors: " + "; ".join(parts)
+
+
 def read_checked_safetensors(path: PathLike, expected_sha256: Optional[str] = None) -> CheckedSafetensors:
     """Read a user-given safetensors file, refusing it before parsing if it is unsafe.
 
@@ -264,13 +347,11 @@ def read_checked_safetensors(path: PathLike, expected_sha256: Optional[str] = No
     header, and must match ``expected_sha256`` (else its ``.sha256`` sidecar, else its JSON
     card) when one of them exists.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"Weights file not found: {path}. Check the path or reinstall the weights.")
+    path = check_weights_file(path)
+    want = _expected_digest(path, expected_sha256)
     data = path.read_bytes()
     _sniff(path, data[:9], len(data))
     digest = hashlib.sha256(data).hexdigest()
-    want = _expected_digest(path, expected_sha256)
     if want is not None and want != digest:
         raise WeightsError(
             f"{path.name} does not match its SHA-256 (expected {want[:16]}…, file has {digest[:16]}…): "
@@ -297,7 +378,7 @@ def load_weights(
 
     Args:
         path: the ``.safetensors`` file.
-        expected_architecture: e.g. ``"deepsc-covid"``; a file for another model is refused.
+        expected_architecture: e.g. ``"deepsc"`` or ``"racnet"``; a file for another model is refused.
         expected_sha256: digest to check against; by default the ``.sha256`` sidecar, then
             the JSON card's ``sha256``. Without any of them only the embedded tensor digest
             is checked (still catches truncation and flipped weight bytes).

@@ -1,4 +1,4 @@
-"""End to end: the command-line contract of DESIGN.md on phantoms and the real scans."""
+"""End to end: the command-line contract of docs/ARCHITECTURE.md on phantoms and the real scans."""
 from __future__ import annotations
 
 import json
@@ -181,13 +181,14 @@ def test_findings_recompute_after_an_edit_halves_the_lesion(full_run, covid_phan
 
 def test_phantom_command_writes_volume_and_truth(tmp_path):
     assert main(["-q", "phantom", str(tmp_path / "p.nii.gz"), "--kind", "cap", "--severity", "mild", "--seed", "3",
-                 "--shape", "48,128,128", "--spacing", "2.5,2.5,5", "--truth", str(tmp_path / "t.seg.nrrd")]) == 0
+                 "--shape", "128,128,48", "--spacing", "2.5,2.5,5", "--truth", str(tmp_path / "t.seg.nrrd")]) == 0
     ct = read_ct(tmp_path / "p.nii.gz")
     assert ct.shape == (48, 128, 128)
     truth = read_segmentation(tmp_path / "t.seg.nrrd", ct)
     assert truth.masks["lesion"].any() and truth.masks["right_lung"].any()
 
 
+@pytest.mark.realdata
 @pytest.mark.slow
 def test_whole_pipeline_on_the_real_covid_scan(covid_dicom_dir, tmp_path):
     """JPEG-lossless real COVID-19 DICOM through every stage."""

@@ -8,19 +8,20 @@ import pytest
 import torch
 
 from CovidCTDxLib.errors import WeightsError
+from CovidCTDxLib.evaluation import scan_metrics
 from CovidCTDxLib.training import common
 
 
 def test_dice_handles_mask_and_empty():
     a = np.zeros((4, 4), bool)
     b = np.zeros((4, 4), bool)
-    assert common.dice_score(a, b) == 1.0
+    assert scan_metrics.dice(a, b) == 1.0
     a[0, :2] = True
     b[0, 1:3] = True
-    assert common.dice_score(a, b) == pytest.approx(0.5)
+    assert scan_metrics.dice(a, b) == pytest.approx(0.5)
     m = np.zeros((4, 4), bool)
     m[0, 1] = True
-    assert common.dice_score(a, b, mask=m) == pytest.approx(1.0)
+    assert scan_metrics.dice(a, b, mask=m) == pytest.approx(1.0)
 
 
 def test_auc_matches_pair_counting():
@@ -28,8 +29,8 @@ def test_auc_matches_pair_counting():
     y = rng.integers(0, 2, 50)
     s = rng.random(50) + 0.5 * y
     pairs = [(sp > sn) + 0.5 * (sp == sn) for sp in s[y == 1] for sn in s[y == 0]]
-    assert common.binary_auc(y, s) == pytest.approx(np.mean(pairs))
-    assert np.isnan(common.binary_auc(np.ones(3), [0.1, 0.2, 0.3]))
+    assert scan_metrics.binary_auc(y, s) == pytest.approx(np.mean(pairs))
+    assert np.isnan(scan_metrics.binary_auc(np.ones(3), [0.1, 0.2, 0.3]))
 
 
 def test_classification_metrics():

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from CovidCTDxLib.deepsc.inference import run_deepsc
+from CovidCTDxLib.evaluation.scan_metrics import dice as dice_score
 from CovidCTDxLib.models.deepsc import ARCHITECTURE, ARCHITECTURE_VERSION
 from CovidCTDxLib.result import NOT_FOR_DIAGNOSIS, LungMasks
-from CovidCTDxLib.training.common import dice_score
 from CovidCTDxLib.weights import load_weights
 
 DEMO = Path(__file__).resolve().parents[1] / "Resources" / "weights" / "deepsc_demo.safetensors"
@@ -49,9 +49,8 @@ def test_demo_weights_are_small_verified_and_labelled(demo):
 
 @pytest.mark.slow
 def test_held_out_phantoms_dice_and_accuracy(demo):
-    from CovidCTDxLib.synthetic.phantom import make_phantom
-
     from CovidCTDxLib.result import CLASS_KEYS
+    from CovidCTDxLib.synthetic.phantom import make_phantom
 
     dices, confusion = [], np.zeros((len(CLASS_KEYS), len(CLASS_KEYS)), dtype=int)
     false_lesion = []

@@ -1,5 +1,6 @@
 """DeepSC-COVID training: dataset layouts, lesion-biased sampling, the two-stage loop,
 resuming, and (slow) a 2-process DDP run with gloo."""
+
 from __future__ import annotations
 
 import json
@@ -27,7 +28,10 @@ CFG = DeepSCConfig(width=8, patch_size=(8, 32, 32), cls_slices=16, cls_size=32, 
 def phantoms():
     from CovidCTDxLib.synthetic.phantom import make_phantom
 
-    return {k: make_phantom(k, "moderate" if k != "normal" else None, shape=(24, 72, 80), spacing=(4.5, 4.5, 8.0), seed=7) for k in ("covid", "cap", "normal")}
+    return {
+        k: make_phantom(k, "moderate" if k != "normal" else None, shape=(24, 72, 80), spacing=(4.5, 4.5, 8.0), seed=7)
+        for k in ("covid", "cap", "normal")
+    }
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +113,16 @@ def test_lesion_biased_sampling():
 
 
 def test_two_stage_training_writes_weights_metrics_and_resumes(tmp_path, prepared):
-    opts = T.TrainOptions(epochs_stage1=1, epochs_stage2=1, batch_size=2, patches_per_case=1, out_dir=tmp_path, threads=1,
-                          training_data="test phantoms", synthetic=True)
+    opts = T.TrainOptions(
+        epochs_stage1=1,
+        epochs_stage2=1,
+        batch_size=2,
+        patches_per_case=1,
+        out_dir=tmp_path,
+        threads=1,
+        training_data="test phantoms",
+        synthetic=True,
+    )
     res = T.train(prepared, prepared[:2], CFG, opts)
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in rows] == [1, 2]
@@ -145,13 +157,44 @@ def test_ddp_two_processes_gloo(tmp_path):
         "import sys; from CovidCTDxLib.training import train_deepsc as T;"
         "a=T.build_parser().parse_args(sys.argv[1:]); raise SystemExit(T.run(a))"
     )
-    args = ["--phantoms", "2", "--width", "8", "--patch", "8,32,32", "--cls-slices", "16", "--cls-size", "32", "--spacing", "5,5,8",
-            "--epochs-stage1", "1", "--epochs-stage2", "0", "--patches-per-case", "2", "--batch-size", "1", "-o", str(tmp_path), "--threads", "1"]
+    args = [
+        "--phantoms",
+        "2",
+        "--width",
+        "8",
+        "--patch",
+        "8,32,32",
+        "--cls-slices",
+        "16",
+        "--cls-size",
+        "32",
+        "--spacing",
+        "5,5,8",
+        "--epochs-stage1",
+        "1",
+        "--epochs-stage2",
+        "0",
+        "--patches-per-case",
+        "2",
+        "--batch-size",
+        "1",
+        "-o",
+        str(tmp_path),
+        "--threads",
+        "1",
+    ]
     port = _free_port()
     procs = []
     for rank in range(2):
-        env = dict(os.environ, WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        env = dict(
+            os.environ,
+            WORLD_SIZE="2",
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            LOCAL_WORLD_SIZE="2",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+        )
         procs.append(subprocess.Popen([sys.executable, "-c", code, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
     outs = [p.communicate(timeout=600)[0].decode() for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs

@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 
 from CovidCTDxLib.findings.metrics import MIN_COUNTED_LESION_ML, compute_findings, severity_points
-from CovidCTDxLib.lesions.density import split_lesion_types
-from CovidCTDxLib.synthetic.phantom import make_phantom
 from CovidCTDxLib.findings.reading import read_findings
-from CovidCTDxLib.result import LesionMasks, LungMasks
-from CovidCTDxLib.volume import CTVolume
+from CovidCTDxLib.lesions.density import split_lesion_types
 from CovidCTDxLib.lungs.zones import compute_zones
+from CovidCTDxLib.result import LesionMasks, LungMasks
+from CovidCTDxLib.synthetic.phantom import make_phantom
+from CovidCTDxLib.volume import CTVolume
 
 
 def _box_case():

@@ -48,6 +48,7 @@ def test_real_nifti_reads_as_validated_hu(a0001_nii):
     assert ct.array.min() >= -1100 and ct.array.max() > 500
 
 
+@pytest.mark.realdata
 def test_real_dicom_and_nifti_give_identical_arrays_and_geometry(covid_dicom_dir, tmp_path):
     """The JPEG-lossless real COVID series read as DICOM, and its NIfTI conversion, agree."""
     from_dicom = read_ct(covid_dicom_dir)
@@ -64,6 +65,7 @@ def test_real_dicom_and_nifti_give_identical_arrays_and_geometry(covid_dicom_dir
     assert np.allclose(from_dicom.direction, from_nifti.direction, atol=1e-6)
 
 
+@pytest.mark.realdata
 def test_dicom_slices_are_sorted_by_position_not_file_name(covid_dicom_dir):
     ct = read_ct(covid_dicom_dir)
     z = ct.index_to_lps(np.array([[0, 0, k] for k in range(ct.shape[0])]))[:, 2]

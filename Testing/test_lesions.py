@@ -8,8 +8,8 @@ import pytest
 from scipy.stats import rankdata
 
 from CovidCTDxLib.lesions.density import CONSOLIDATION_HU, detect_lesions, split_lesion_types
-from CovidCTDxLib.synthetic.phantom import insert_lesions, make_phantom
 from CovidCTDxLib.result import LungMasks
+from CovidCTDxLib.synthetic.phantom import insert_lesions, make_phantom
 
 
 def _lungs(right, left):
@@ -71,13 +71,14 @@ def _tumour_mask(shape, csv_path):
     return m
 
 
+@pytest.mark.realdata
 @pytest.mark.slow
-def test_a0001_small_lvr_apart_from_tumour(a0001, a0001_nii):
+def test_a0001_small_lvr_apart_from_tumour(a0001, a0001_tumour_boxes):
     """Non-COVID lung: dependent density, dome / apical partial volume and hilar vessels
     must not become lesions; the tumour must."""
     ct, right, left = a0001
     les = detect_lesions(ct, _lungs(right, left))
-    tumour = _tumour_mask(ct.shape, a0001_nii.parent / "tumour_boxes.csv")
+    tumour = _tumour_mask(ct.shape, a0001_tumour_boxes)
     lung = right | left
     outside = _lvr(les.lesion & ~tumour, lung)
     assert outside < 1.5, outside
@@ -86,6 +87,7 @@ def test_a0001_small_lvr_apart_from_tumour(a0001, a0001_nii):
     assert np.count_nonzero(les.lesion & tumour) > 0.3 * np.count_nonzero(tumour & lung & (ct.array > -300))
 
 
+@pytest.mark.realdata
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["covid", "cap"])
 def test_a0001_inserted_lesions_recovered(a0001, kind):
@@ -107,6 +109,7 @@ def _auc(score, label):
     return (r[pos].sum() - n1 * (n1 + 1) / 2) / (n1 * n0)
 
 
+@pytest.mark.realdata
 @pytest.mark.slow
 def test_covid_scan_slice_auc(covid_dicom_dir, covid_infected_csv):
     from CovidCTDxLib.io.readers import read_ct

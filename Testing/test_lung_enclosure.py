@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
+from CovidCTDxLib.evaluation.scan_metrics import dice as dice_score
 from CovidCTDxLib.lungs import enclosure as lung_enclosure
 from CovidCTDxLib.lungs.engine import segment_lungs
 from CovidCTDxLib.synthetic.phantom import make_phantom
-from CovidCTDxLib.training.common import dice_score
 
 #: Two empty masks score 0 here, not dice_score's default 1: an empty lung is a failure.
 dice = functools.partial(dice_score, empty=0.0)

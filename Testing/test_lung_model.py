@@ -14,12 +14,12 @@ import torch
 
 from CovidCTDxLib.app.cli import main
 from CovidCTDxLib.errors import WeightsError
+from CovidCTDxLib.evaluation.scan_metrics import dice as dice_score
 from CovidCTDxLib.io.segmentation_file import write_volume
 from CovidCTDxLib.lungs.model_hook import TorchLungModel
 from CovidCTDxLib.models.lung_unet import UNet2D
 from CovidCTDxLib.pipeline import PipelineOptions, run_pipeline
 from CovidCTDxLib.synthetic.phantom import make_phantom
-from CovidCTDxLib.training.common import dice_score
 from CovidCTDxLib.weights import file_sha256, sha256_sidecar
 
 #: Normalised intensity below which the hand-set network says "lung": -1024 + 0.3 * 1624 HU.

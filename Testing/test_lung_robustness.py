@@ -10,12 +10,13 @@ import functools
 
 import numpy as np
 import pytest
+from lung_junction import join_lungs
 from scipy import ndimage as ndi
 
 from CovidCTDxLib.errors import LungsNotFoundError
+from CovidCTDxLib.evaluation.scan_metrics import dice as dice_score
 from CovidCTDxLib.lungs.engine import segment_lungs
 from CovidCTDxLib.synthetic.phantom import make_phantom
-from CovidCTDxLib.training.common import dice_score
 from CovidCTDxLib.volume import CTVolume
 
 #: Two empty masks score 0 here, not dice_score's default 1: an empty lung is a failure.
@@ -90,19 +91,8 @@ def test_lungs_touching_at_the_anterior_junction_are_split():
     """Aerated lung bridging the two lungs in front of the mediastinum (a thin anterior
     junction line that the scan does not resolve) makes them one air region."""
     p = make_phantom(kind="normal", seed=15)
-    right, left = p.right_lung.copy(), p.left_lung.copy()
-    zs = np.nonzero(p.lungs.any(axis=(1, 2)))[0]
-    bridge = np.zeros_like(right)
-    for z in zs[len(zs) // 2 - 8 : len(zs) // 2 + 9]:
-        for y in np.nonzero(right[z].any(axis=1) & left[z].any(axis=1))[0][:5]:  # most anterior rows
-            bridge[z, y, np.nonzero(right[z, y])[0].max() : np.nonzero(left[z, y])[0].min() + 1] = True
-    bridge &= ~p.lungs
-    array = p.ct.array.copy()
-    array[bridge] = -850
+    array, right, left, mid = join_lungs(p, (8, 9), lambda rows: rows[:5])  # most anterior rows
     x = np.arange(array.shape[2])[None, None, :]
-    mid = 0.5 * (np.nonzero(right)[2].max() + np.nonzero(left)[2].min())
-    right |= bridge & (x <= mid)
-    left |= bridge & (x > mid)
     assert ndi.label(right | left)[1] == ndi.label(p.lungs)[1] - 1, "the bridge joins the lungs"
     m = segment_lungs(p.ct.with_array(array))
     assert dice(m.right, right) >= 0.97

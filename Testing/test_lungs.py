@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from CovidCTDxLib.errors import CancelledError, LungsNotFoundError, WeightsError
+from CovidCTDxLib.evaluation.scan_metrics import dice as dice_score
 from CovidCTDxLib.lungs.engine import segment_lungs
 from CovidCTDxLib.lungs.model_hook import TorchLungModel
 from CovidCTDxLib.models.lung_unet import UNet2D
 from CovidCTDxLib.progress import CancelToken, Progress
-from CovidCTDxLib.training.common import dice_score
 from CovidCTDxLib.volume import CTVolume
 
 #: Two empty masks score 0 here, not dice_score's default 1: an empty lung is a failure.
@@ -69,8 +69,8 @@ def test_a0001_airways_found_and_excluded(a0001):
     assert dice(m.airways, airway) >= 0.7
 
 
-def _tumour(ct, ref, a0001_nii):
-    boxes = list(csv.reader(open(a0001_nii.parent / "tumour_boxes.csv")))[1:]
+def _tumour(ct, ref, boxes_csv):
+    boxes = list(csv.reader(open(boxes_csv)))[1:]
     box = np.zeros(ct.shape, bool)
     for row in boxes:
         k, i0, j0, i1, j1 = int(row[1]), int(row[3]), int(row[4]), int(row[5]), int(row[6])
@@ -79,17 +79,17 @@ def _tumour(ct, ref, a0001_nii):
 
 
 @pytest.mark.realdata
-def test_a0001_tumour_never_labelled_right(a0001, a0001_nii):
+def test_a0001_tumour_never_labelled_right(a0001, a0001_tumour_boxes):
     ct, ref, m = a0001
-    tumour = _tumour(ct, ref, a0001_nii)
+    tumour = _tumour(ct, ref, a0001_tumour_boxes)
     assert (m.right & tumour).sum() == 0  # sides come from patient coordinates
     assert (m.left & tumour).sum() > 0
 
 
 @pytest.mark.realdata
-def test_a0001_tumour_filled_into_left_lung(a0001, a0001_nii):
+def test_a0001_tumour_filled_into_left_lung(a0001, a0001_tumour_boxes):
     ct, ref, m = a0001
-    tumour = _tumour(ct, ref, a0001_nii)
+    tumour = _tumour(ct, ref, a0001_tumour_boxes)
     assert (m.left & tumour).sum() >= 0.9 * tumour.sum()
 
 

@@ -6,9 +6,11 @@ parses, imports nothing heavy at load time, every widget the code touches exists
 .ui, every parameter the .ui binds exists in the parameter node, CMake installs every file,
 and the terminology file carries the codes from TERMINOLOGY.md.
 """
+
 from __future__ import annotations
 
 import ast
+import importlib.util
 import json
 import re
 import struct
@@ -82,9 +84,15 @@ def test_module_imports_nothing_heavy_at_load(module_ast):
 def test_ui_parses_and_has_every_widget_the_code_uses(module_ast, ui_root):
     assert ui_root.tag == "ui"
     widgets = _ui_widgets(ui_root)
-    used = {n.attr for n in ast.walk(module_ast)
-            if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Attribute)
-            and n.value.attr == "ui" and isinstance(n.value.value, ast.Name) and n.value.value.id == "self"}
+    used = {
+        n.attr
+        for n in ast.walk(module_ast)
+        if isinstance(n, ast.Attribute)
+        and isinstance(n.value, ast.Attribute)
+        and n.value.attr == "ui"
+        and isinstance(n.value.value, ast.Name)
+        and n.value.value.id == "self"
+    }
     assert used, "the widget code should use self.ui.<name>"
     missing = sorted(used - set(widgets))
     assert not missing, f"used in CovidCTDx.py but absent from the .ui: {missing}"
@@ -94,11 +102,22 @@ def test_ui_has_the_controls_the_issue_asks_for(ui_root):
     widgets = _ui_widgets(ui_root)
     expected = {
         "inputVolumeSelector": "qMRMLNodeComboBox",
-        "lungsCheckBox": "QCheckBox", "deepscCheckBox": "QCheckBox", "racnetCheckBox": "QCheckBox", "findingsCheckBox": "QCheckBox",
-        "weightsPathLineEdit": "ctkPathLineEdit", "lungModelPathLineEdit": "ctkPathLineEdit", "modelCardTextBrowser": "QTextBrowser", "syntheticWarningLabel": "QLabel",
-        "applyButton": "QPushButton", "progressBar": "QProgressBar", "statusLabel": "QLabel",
-        "classificationLabel": "QLabel", "severityLabel": "QLabel", "metricsLabel": "QLabel",
-        "outputSegmentationSelector": "qMRMLNodeComboBox", "outputFindingsTableSelector": "qMRMLNodeComboBox",
+        "lungsCheckBox": "QCheckBox",
+        "deepscCheckBox": "QCheckBox",
+        "racnetCheckBox": "QCheckBox",
+        "findingsCheckBox": "QCheckBox",
+        "weightsPathLineEdit": "ctkPathLineEdit",
+        "lungModelPathLineEdit": "ctkPathLineEdit",
+        "modelCardTextBrowser": "QTextBrowser",
+        "syntheticWarningLabel": "QLabel",
+        "applyButton": "QPushButton",
+        "progressBar": "QProgressBar",
+        "statusLabel": "QLabel",
+        "classificationLabel": "QLabel",
+        "severityLabel": "QLabel",
+        "metricsLabel": "QLabel",
+        "outputSegmentationSelector": "qMRMLNodeComboBox",
+        "outputFindingsTableSelector": "qMRMLNodeComboBox",
         "recomputeButton": "QPushButton",
     }
     for name, cls in expected.items():
@@ -122,8 +141,17 @@ def test_ui_parameter_bindings_exist_in_parameter_node(module_ast, ui_root):
     fields = _parameter_fields(module_ast)
     bound = [p.findtext("string") for p in ui_root.iter("property") if p.get("name") == "SlicerParameterName"]
     assert bound and set(bound) <= fields, set(bound) - fields
-    for needed in ("inputVolume", "runLungs", "runDeepSC", "runRACNet", "runFindings", "weightsDirectory",
-                   "lungModelFile", "outputSegmentation", "outputFindingsTable"):
+    for needed in (
+        "inputVolume",
+        "runLungs",
+        "runDeepSC",
+        "runRACNet",
+        "runFindings",
+        "weightsDirectory",
+        "lungModelFile",
+        "outputSegmentation",
+        "outputFindingsTable",
+    ):
         assert needed in fields
 
 
@@ -158,12 +186,26 @@ def test_extension_cmake_is_a_valid_slicer_extension():
     for key in ("HOMEPAGE", "CATEGORY", "CONTRIBUTORS", "DESCRIPTION", "ICONURL", "SCREENSHOTURLS", "DEPENDS"):
         assert re.search(rf'set\(EXTENSION_{key} "[^"]+"\)', text), key
     assert 'set(EXTENSION_DEPENDS "PyTorch")' in text
-    order = ["find_package(Slicer REQUIRED)", "include(${Slicer_USE_FILE})", "add_subdirectory(CovidCTDx)",
-             "include(${Slicer_EXTENSION_GENERATE_CONFIG})", "include(${Slicer_EXTENSION_CPACK})"]
+    order = [
+        "find_package(Slicer REQUIRED)",
+        "include(${Slicer_USE_FILE})",
+        "add_subdirectory(CovidCTDx)",
+        "include(${Slicer_EXTENSION_GENERATE_CONFIG})",
+        "include(${Slicer_EXTENSION_CPACK})",
+    ]
     positions = [text.index(s) for s in order]
     assert positions == sorted(positions)
-    # The library and the shared resources the module looks up at run time are installed.
-    assert "CovidCTDxLib/*.py" in text and "Resources/Terminology/*.json" in text and "Resources/SampleData/*" in text
+    # The library and the shared resources the module looks up at run time are installed,
+    # listed file by file (no glob): exactly the files the list tool finds in the tree.
+    spec = importlib.util.spec_from_file_location("update_cmake_lists", REPO / "tools" / "update_cmake_lists.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    for variable, files in tool.LISTS.items():
+        in_tree = {p.relative_to(REPO).as_posix() for p in files()}
+        assert in_tree and set(_cmake_list(text, variable, {})) == in_tree, "run python tools/update_cmake_lists.py"
+    assert any(p.endswith("CovidCTDxLib/pipeline.py") for p in _cmake_list(text, "COVIDCTDX_LIB_SCRIPTS", {}))
+    assert "Resources/Terminology/CovidCTDx.term.json" in _cmake_list(text, "COVIDCTDX_LIB_RESOURCES", {})
+    assert "GLOB" not in text
     assert (MODULE_DIR / "Testing" / "Python" / "CMakeLists.txt").exists()
 
 
@@ -214,3 +256,14 @@ def test_terminology_file_has_the_codes_of_terminology_md():
         entry = entries[key]
         assert tuple(entry["recommendedDisplayRGBValue"]) == spec.color, spec.segment_id
         assert entry["CodeMeaning"] == (spec.modifier.meaning or spec.type.meaning)
+
+
+def test_reload_also_reloads_the_library(module_ast):
+    """onReload drops every CovidCTDxLib module so the next lazy import takes the edited code."""
+    widget = next(n for n in module_ast.body if isinstance(n, ast.ClassDef) and n.name == "CovidCTDxWidget")
+    reload = next(n for n in widget.body if isinstance(n, ast.FunctionDef) and n.name == "onReload")
+    source = ast.unparse(reload)
+    assert "sys.modules" in source and "CovidCTDxLib." in source and "ScriptedLoadableModuleWidget.onReload(self)" in source
+    # ...and nothing at module level imports the library, or a reload would keep the old objects.
+    top = [n for n in module_ast.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    assert not any("CovidCTDxLib" in ast.unparse(n) for n in top)

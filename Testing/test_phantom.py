@@ -8,6 +8,8 @@ import pytest
 from scipy import ndimage
 
 from CovidCTDxLib.errors import CancelledError, InputError, VolumeTooLargeError
+from CovidCTDxLib.progress import CancelToken, Progress
+from CovidCTDxLib.result import CLASS_KEYS, SEVERITY_KEYS
 from CovidCTDxLib.synthetic.phantom import (
     CONSOLIDATION,
     GGO,
@@ -16,8 +18,6 @@ from CovidCTDxLib.synthetic.phantom import (
     make_phantom,
     severity_from_lvr,
 )
-from CovidCTDxLib.progress import CancelToken, Progress
-from CovidCTDxLib.result import CLASS_KEYS, SEVERITY_KEYS
 from CovidCTDxLib.volume import LPS_LEFT, LPS_POSTERIOR, LPS_SUPERIOR, CTVolume
 
 SMALL = dict(shape=(64, 128, 128), spacing=(2.5, 2.5, 5.0))

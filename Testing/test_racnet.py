@@ -1,18 +1,30 @@
 """RACNet: padding invariance, routing masks, CORAL, anchors/OOD, checkpoints, data, demo weights."""
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from CovidCTDxLib.racnet.anchors import Anchors, compute_anchors
 from CovidCTDxLib.errors import WeightsError
-from CovidCTDxLib.models.racnet import ARCHITECTURE, ARCHITECTURE_VERSION, RACNet, RACNetConfig, coral_loss, racnet_losses
+from CovidCTDxLib.models.racnet import (
+    ARCHITECTURE,
+    ARCHITECTURE_VERSION,
+    RACNet,
+    RACNetConfig,
+    coral_loss,
+    racnet_losses,
+)
+from CovidCTDxLib.racnet.anchors import Anchors, compute_anchors
 from CovidCTDxLib.racnet.inference import (
-    SlicePrep, load_racnet, model_card_config, predict_stack, prepare_scan, run_racnet, save_racnet_weights,
+    SlicePrep,
+    load_racnet,
+    model_card_config,
+    predict_stack,
+    prepare_scan,
+    run_racnet,
+    save_racnet_weights,
 )
 from CovidCTDxLib.result import SEVERITY_KEYS, LungMasks
 from CovidCTDxLib.weights import ModelCard, load_weights
@@ -288,6 +300,7 @@ def test_noise_is_out_of_distribution(demo):
         assert bundle.out_of_distribution(predict_stack(bundle.model, stack))
 
 
+@pytest.mark.realdata
 def test_run_racnet_on_real_covid_scan(demo, covid_dicom_dir):
     """Smoke test on real data (no lung mask → COVID-CTset selection): a well-formed result."""
     from CovidCTDxLib.io.readers import read_ct

@@ -9,6 +9,8 @@ was.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List
@@ -19,7 +21,7 @@ import pytest
 slicer = pytest.importorskip("slicer")
 vtk = pytest.importorskip("vtk")
 
-from CovidCTDxLib.errors import GeometryError, InputError  # noqa: E402
+from CovidCTDxLib.errors import CovidCTDxError, GeometryError, InputError  # noqa: E402
 from CovidCTDxLib.result import (  # noqa: E402
     CLASS_KEYS,
     NOT_FOR_DIAGNOSIS,
@@ -32,7 +34,7 @@ from CovidCTDxLib.result import (  # noqa: E402
     Severity,
 )
 from CovidCTDxLib.segments import COVIDCTDX_CONTEXT, SEGMENTS  # noqa: E402
-from CovidCTDxLib.slicer_bridge import geometry, scene_writer, segmentation, tables  # noqa: E402
+from CovidCTDxLib.slicer_bridge import geometry, panel_text, scene_writer, segmentation, tables  # noqa: E402
 from CovidCTDxLib.volume import LPS_LEFT, CTVolume  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -536,7 +538,7 @@ def test_worker_cancel_kills_process_and_leaves_scene_unchanged(scene, small_pha
         assert job.wait(timeout=30) == CANCELLED
         assert job._proc.poll() is not None
         assert not (job.output_dir / "results.json").exists()
-        with pytest.raises(Exception):
+        with pytest.raises(CovidCTDxError):
             job.result()
     finally:
         job.cleanup()
@@ -573,3 +575,39 @@ def test_headless_batch_over_a_folder(tmp_path, small_phantom):
     assert (tmp_path / "out" / "phantom" / "results.json").exists()
     assert not (tmp_path / "out" / "not_a_chest" / "results.json").exists()
     assert messages[-1][0] == 1.0
+
+
+# --------------------------------------------------------------------------- panel texts
+def test_panel_summary_shows_the_rule_based_reading_after_an_edit(scene):
+    """The reading the pipeline computes reaches the panel, and follows a recompute."""
+    ct = make_ct(np.eye(3))
+    masks = make_masks(ct)
+    volume = geometry.volume_node_from_ct(scene, ct, "CT")
+    nodes = scene_writer.write_result_to_scene(scene, make_result(ct, masks, findings=None), volume)
+    assert panel_text.summary_texts(nodes.classification_table, nodes.severity_table, None)["reading"] == "–"
+    table = scene_writer.recompute_findings(scene, nodes.segmentation, volume)
+    reading = tables.reading_from_table(table)
+    assert "CAP-like: one lung only" in reading["reasons"]  # the lesion lies in the right lung only
+    assert reading["label"] in tables.READING_NAMES
+    text = panel_text.summary_texts(nodes.classification_table, nodes.severity_table, table)
+    assert text["reading"].startswith(tables.READING_NAMES[reading["label"]])
+    assert "one lung only" in text["reading"]
+    assert text["classification"].startswith("COVID-19")
+    assert "lesions 1" in text["metrics"]
+
+
+def test_model_cards_are_read_without_torch_and_escaped(tmp_path):
+    (tmp_path / "deepsc_x.safetensors").write_bytes(b"\0" * 8)
+    (tmp_path / "deepsc_x.json").write_text('{"architecture": "deepsc", "training_data": "<phantoms>", "synthetic": true}')
+    (tmp_path / "racnet_y.safetensors").write_bytes(b"\0" * 8)
+    (tmp_path / "racnet_y.json").write_text("{not json")
+    code = (
+        "import sys, json; from CovidCTDxLib.weights import read_model_cards; "
+        f"cards = read_model_cards({str(tmp_path)!r}); assert 'torch' not in sys.modules; print(json.dumps(cards))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    cards = json.loads(out)
+    assert [c["file"] for c in cards] == ["deepsc_x.safetensors", "racnet_y.safetensors"]
+    assert cards[0]["synthetic"] is True and cards[1]["synthetic"] is None  # unreadable card claims nothing
+    html = panel_text.model_cards_html(cards)
+    assert "&lt;phantoms&gt;" in html and "<phantoms>" not in html

@@ -6,7 +6,6 @@ import pytest
 import SimpleITK as sitk
 
 from CovidCTDxLib.errors import LungsNotFoundError
-from CovidCTDxLib.result import LungMasks
 from CovidCTDxLib.racnet.slice_selection import (
     DARK_HU,
     select_by_lungs,
@@ -14,6 +13,7 @@ from CovidCTDxLib.racnet.slice_selection import (
     select_slices,
     slice_axis,
 )
+from CovidCTDxLib.result import LungMasks
 from CovidCTDxLib.volume import CTVolume
 
 
@@ -75,6 +75,7 @@ def _lungs(right, left, shape):
 
 
 # ---------------------------------------------------------------------------- real COVID scan
+@pytest.mark.realdata
 def test_physical_rule_reproduces_paper_on_same_scanner(covid_ct):
     """COVID-CT-MD P001 comes from the scanner model of COVID-CTset (Siemens SOMATOM Scope,
     512², 0.75 mm): there the body-relative ROI must select what the pixel box selects."""
@@ -84,6 +85,7 @@ def test_physical_rule_reproduces_paper_on_same_scanner(covid_ct):
     assert 150 < w < 260 and 55 < d < 110  # paper box: 250 x 100 px at ~0.75 mm
 
 
+@pytest.mark.realdata
 def test_rule_is_matrix_independent(covid_ct):
     """Half the in-plane matrix (1.5 mm pixels): same physical slices selected."""
     half = CTVolume(covid_ct.array[:, ::2, ::2].copy(), (covid_ct.spacing[0] * 2, covid_ct.spacing[1] * 2, covid_ct.spacing[2]),
@@ -93,6 +95,7 @@ def test_rule_is_matrix_independent(covid_ct):
     assert _jaccard(a, b) >= 0.9
 
 
+@pytest.mark.realdata
 def test_covid_selection_covers_infected_slices(covid_ct, covid_infected_csv):
     """Most radiologist-labelled infected slices lie in the selected (open-lung) range."""
     import csv
@@ -106,6 +109,7 @@ def test_covid_selection_covers_infected_slices(covid_ct, covid_infected_csv):
 
 
 # ---------------------------------------------------------------------------- real A0001 scan
+@pytest.mark.realdata
 def test_ctset_on_a0001_selects_open_lung_block(a0001):
     ct, lab = a0001
     area = ((lab == 1) | (lab == 2)).sum(axis=(1, 2)).astype(float)
@@ -118,6 +122,7 @@ def test_ctset_on_a0001_selects_open_lung_block(a0001):
     assert int(np.argmax(area)) in idx
 
 
+@pytest.mark.realdata
 def test_lung_rule_on_a0001_reference(a0001):
     ct, lab = a0001
     lungs = _lungs(lab == 1, lab == 2, lab.shape)

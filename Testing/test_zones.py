@@ -5,19 +5,19 @@ import numpy as np
 import pytest
 
 from CovidCTDxLib.errors import LungsNotFoundError
+from CovidCTDxLib.lungs.zones import PERIPHERAL_THICKNESS_MM, compute_zones
 from CovidCTDxLib.result import LungZones
 from CovidCTDxLib.volume import CTVolume
-from CovidCTDxLib.lungs.zones import PERIPHERAL_THICKNESS_MM, compute_zones
 
 
-def _box_lungs(direction=np.eye(3)):
+def _box_lungs(direction=None):
     """Two rectangular 'lungs' 60 slices high, 1 mm in-plane, 2 mm slices."""
     shape = (64, 80, 120)
     right = np.zeros(shape, bool)
     left = np.zeros(shape, bool)
     right[2:62, 10:70, 10:55] = True
     left[2:62, 10:70, 65:110] = True
-    ct = CTVolume(np.full(shape, -1000, np.int16), (1.0, 1.0, 2.0), direction=direction)
+    ct = CTVolume(np.full(shape, -1000, np.int16), (1.0, 1.0, 2.0), direction=np.eye(3) if direction is None else direction)
     return ct, right, left
 
 

@@ -14,6 +14,7 @@ masks are generated once and cached in the temp folder.
 
 Run: .venv/bin/python benchmarks/bench_deepsc.py [--shape 300,512,512] [--spacing 0.7,0.7,1.0]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -129,7 +130,16 @@ def main() -> None:
         m = measure(_paper_window, ct_path)
         e = m["extra"]
         total = e["seconds_per_window"] * e["windows"]
-        rows.append([f"paper config, extrapolated from 1 window (grid {e['grid']})", e["windows"], total, f"{total / BUDGET_S:.1f}", m["peak_rss_gb"], "(1 window)"])
+        rows.append(
+            [
+                f"paper config, extrapolated from 1 window (grid {e['grid']})",
+                e["windows"],
+                total,
+                f"{total / BUDGET_S:.1f}",
+                m["peak_rss_gb"],
+                "(1 window)",
+            ]
+        )
     print_table(
         f"DeepSC-COVID inference, CT {shape} at {spacing} mm, weights {weights.name}, load average at start {load0:.1f}",
         ["configuration", "windows", "wall s", "/ 10 s", "peak RSS GB", "/ 4 GB"],

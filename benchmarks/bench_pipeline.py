@@ -1,6 +1,6 @@
 """Whole pipeline on a 512×512×300 chest CT phantom: wall time and peak RSS per stage.
 
-Budget (DESIGN.md): ≤ 20 s wall, ≤ 4 GB peak RSS on 2 CPU cores.
+Budget (docs/ARCHITECTURE.md): ≤ 20 s wall, ≤ 4 GB peak RSS on 2 CPU cores.
 Run: .venv/bin/python benchmarks/bench_pipeline.py [--shape 300,512,512]
 """
 from __future__ import annotations
@@ -15,8 +15,8 @@ from _measure import measure, print_table  # noqa: E402
 
 
 def _run(shape, spacing):
-    from CovidCTDxLib.synthetic.phantom import make_phantom
     from CovidCTDxLib.pipeline import run_pipeline
+    from CovidCTDxLib.synthetic.phantom import make_phantom
 
     ph = make_phantom(kind="covid", severity="moderate", shape=shape, spacing=spacing, seed=5)
     start = time.perf_counter()

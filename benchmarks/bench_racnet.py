@@ -47,8 +47,8 @@ def _run_demo(ct, lungs, threads, step_mm):
 def _run_backbone(ct, lungs, threads, backbone):
     import torch
 
-    from CovidCTDxLib.racnet.anchors import compute_anchors
     from CovidCTDxLib.models.racnet import RACNet, RACNetConfig
+    from CovidCTDxLib.racnet.anchors import compute_anchors
     from CovidCTDxLib.racnet.inference import SlicePrep, predict_stack, prepare_scan
 
     torch.set_num_threads(threads)
@@ -71,8 +71,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-resnet", action="store_true")
     a = ap.parse_args()
-    from CovidCTDxLib.synthetic.phantom import make_phantom
     from CovidCTDxLib.result import LungMasks
+    from CovidCTDxLib.synthetic.phantom import make_phantom
 
     shape = tuple(int(v) for v in a.shape.split(","))
     spacing = tuple(float(v) for v in a.spacing.split(","))

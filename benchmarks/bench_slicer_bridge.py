@@ -1,11 +1,12 @@
 """Slicer bridge speed on a full-size chest CT (512×512×300), real MRML from slicer-core.
 
-Budget (DESIGN.md): metrics recompute after an edit ≤ 1 s. Reference for reading masks
+Budget (docs/ARCHITECTURE.md): metrics recompute after an edit ≤ 1 s. Reference for reading masks
 back: Slicer's own way (``slicer.util.arrayFromSegmentBinaryLabelmap`` = export each
 segment to a labelmap node with ``ExportSegmentsToLabelmapNode``), in the same run.
 
 Run: python benchmarks/bench_slicer_bridge.py [--shape Z Y X]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,13 +51,19 @@ def main() -> None:
     parser.add_argument("--shape", type=int, nargs=3, default=(300, 512, 512))
     args = parser.parse_args()
     rows = []
-    phantom = timed("phantom (setup)", lambda: make_phantom("covid", severity="moderate", shape=tuple(args.shape),
-                                                            spacing=(0.7, 0.7, 1.0), seed=0), rows)
+    phantom = timed(
+        "phantom (setup)",
+        lambda: make_phantom("covid", severity="moderate", shape=tuple(args.shape), spacing=(0.7, 0.7, 1.0), seed=0),
+        rows,
+    )
     ct = phantom.ct
     empty = np.zeros(ct.shape, bool)
     ggo = phantom.lesion & (phantom.lesion_type == 1)
-    result = Result(ct=ct, lungs=LungMasks(phantom.right_lung, phantom.left_lung, phantom.airways, empty),
-                    lesions=LesionMasks(phantom.lesion, ggo, phantom.lesion & (phantom.lesion_type == 3)))
+    result = Result(
+        ct=ct,
+        lungs=LungMasks(phantom.right_lung, phantom.left_lung, phantom.airways, empty),
+        lesions=LesionMasks(phantom.lesion, ggo, phantom.lesion & (phantom.lesion_type == 3)),
+    )
     scene = slicer.vtkMRMLScene()
     volume = timed("CTVolume → volume node", lambda: geometry.volume_node_from_ct(scene, ct, "CT"), rows)
     timed("volume node → CTVolume", lambda: geometry.ct_from_volume_node(volume), rows)
@@ -72,7 +79,10 @@ def main() -> None:
     for label, seconds in rows:
         print(f"{label:55s} {seconds:8.2f}")
     t = dict(rows)
-    print(f"\nmask read-back: bridge / Slicer export = {t['segmentation → masks (bridge)'] / t['segmentation → masks (Slicer' + chr(39) + 's export per segment)']:.2f}")
+    print(
+        "\nmask read-back: bridge / Slicer export = "
+        f"{t['segmentation → masks (bridge)'] / t['segmentation → masks (Slicer' + chr(39) + 's export per segment)']:.2f}"
+    )
     print(f"recompute after edit: {t['edit → recompute findings table']:.2f} s (budget 1.0 s)")
 
 

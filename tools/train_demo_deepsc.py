@@ -15,6 +15,7 @@ inference path (``run_deepsc`` on the CT grid) and writes
 Run: ``.venv/bin/python tools/train_demo_deepsc.py [--minutes 19] [--out Resources/weights]``
 (1 CPU thread by default; wall time is logged and stored in the card).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,16 +33,16 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from CovidCTDxLib import __version__  # noqa: E402
 from CovidCTDxLib.deepsc.inference import run_deepsc  # noqa: E402
-from CovidCTDxLib.models.deepsc import ARCHITECTURE, ARCHITECTURE_VERSION, DeepSCConfig  # noqa: E402
-from CovidCTDxLib.synthetic.phantom import KIND_LABELS, insert_lesions, make_phantom  # noqa: E402
+from CovidCTDxLib.evaluation import scan_metrics  # noqa: E402
+from CovidCTDxLib.models.deepsc import ARCHITECTURE, DeepSCConfig  # noqa: E402
 from CovidCTDxLib.result import CLASS_KEYS, LungMasks  # noqa: E402
+from CovidCTDxLib.synthetic.phantom import KIND_LABELS, insert_lesions, make_phantom  # noqa: E402
 from CovidCTDxLib.training import common  # noqa: E402
 from CovidCTDxLib.training.datasets import prepare_case  # noqa: E402
 from CovidCTDxLib.training.losses import DeepSCLossWeights  # noqa: E402
-from CovidCTDxLib.training.train_deepsc import TrainOptions, train  # noqa: E402
-from CovidCTDxLib.weights import ModelCard, load_weights, save_weights  # noqa: E402
+from CovidCTDxLib.training.train_deepsc import TrainOptions, model_card, train  # noqa: E402
+from CovidCTDxLib.weights import load_weights, save_weights  # noqa: E402
 
 log = logging.getLogger("train_demo_deepsc")
 
@@ -74,7 +75,11 @@ def phantom_cases(config: DeepSCConfig, repeats: int, seed0: int):
         for i, (kind, sev) in enumerate(TRAIN_SPECS):
             seed = seed0 + 100 * r + i
             p = make_phantom(kind, sev, shape=SHAPE, spacing=SPACING, seed=seed)
-            cases.append(prepare_case(f"{kind}-{sev}-{seed}", CLASS_KEYS.index(KIND_LABELS[kind]), p.ct, p.right_lung | p.left_lung, p.lesion, config))
+            cases.append(
+                prepare_case(
+                    f"{kind}-{sev}-{seed}", CLASS_KEYS.index(KIND_LABELS[kind]), p.ct, p.right_lung | p.left_lung, p.lesion, config
+                )
+            )
     return cases
 
 
@@ -94,7 +99,9 @@ def real_ct_cases(config: DeepSCConfig):
     cases = [prepare_case("A0001", CLASS_KEYS.index("non_pneumonia"), ct, right | left, np.zeros_like(right), config)]
     for kind, lvr, seed in (("covid", 8.0, 11), ("cap", 4.0, 12), ("covid", 20.0, 13), ("cap", 2.5, 14)):
         ins = insert_lesions(ct, right, left, kind, lvr, seed=seed)
-        cases.append(prepare_case(f"A0001+{kind}{lvr}", CLASS_KEYS.index(KIND_LABELS[kind]), ins.ct, right | left | ins.lesion, ins.lesion, config))
+        cases.append(
+            prepare_case(f"A0001+{kind}{lvr}", CLASS_KEYS.index(KIND_LABELS[kind]), ins.ct, right | left | ins.lesion, ins.lesion, config)
+        )
     return cases, "Lung-PET-CT-Dx A0001 (TCIA, CC BY 4.0) with inserted COVID-19/CAP lesions"
 
 
@@ -109,7 +116,7 @@ def held_out_eval(weights_path: Path, specs=HELD_OUT):
         pred = max(out.probabilities, key=out.probabilities.get)
         ok = pred == p.label
         correct += ok
-        d = common.dice_score(out.lesion_mask, p.lesion, lungs.lungs) if p.lesion.any() else float("nan")
+        d = scan_metrics.dice(out.lesion_mask, p.lesion, lungs.lungs) if p.lesion.any() else float("nan")
         if p.lesion.any():
             dices.append(d)
         rows.append({"case": f"{kind}-{sev}-{seed}", "label": p.label, "pred": pred, "dice": d, "seconds": out.seconds})
@@ -126,7 +133,9 @@ def main(argv=None) -> int:
     ap.add_argument("--cls-weight", type=float, default=1.0, help="weight of the classification loss (segmentation 1.0)")
     ap.add_argument("--work", type=Path, default=None, help="checkpoint folder (default: temporary)")
     ap.add_argument(
-        "--threads", type=int, default=1,
+        "--threads",
+        type=int,
+        default=1,
         help="torch threads; 1 by default because on a shared, oversubscribed 2-core machine OpenMP "
         "threads stall on each other (measured ~5x slower per step with 2 threads under load)",
     )
@@ -147,9 +156,22 @@ def main(argv=None) -> int:
     # Leave ~3 min for the held-out evaluation (12 scans) and writing.
     budget = max(1.0, args.minutes - prep_s / 60 - 3.0)
     options = TrainOptions(
-        epochs_stage1=1000, epochs_stage2=1000, lr_stage1=1e-3, lr_stage2=1e-4, batch_size=2, patches_per_case=2,
-        seed=args.seed, max_minutes=budget, stage1_time_fraction=0.8, out_dir=work, resume=False, threads=args.threads,
-        validate_every=10**9, bf16=torch.backends.mkldnn.is_available(), training_data="synthetic", synthetic=True,
+        epochs_stage1=1000,
+        epochs_stage2=1000,
+        lr_stage1=1e-3,
+        lr_stage2=1e-4,
+        batch_size=2,
+        patches_per_case=2,
+        seed=args.seed,
+        max_minutes=budget,
+        stage1_time_fraction=0.8,
+        out_dir=work,
+        resume=False,
+        threads=args.threads,
+        validate_every=10**9,
+        bf16=torch.backends.mkldnn.is_available(),
+        training_data="synthetic",
+        synthetic=True,
         # --cls-weight 2 was tried: same held-out accuracy, lesion Dice 0.76 instead of 0.85.
         loss_weights=DeepSCLossWeights(seg=1.0, cls=args.cls_weight, task_aware=1.0),
     )
@@ -161,10 +183,8 @@ def main(argv=None) -> int:
 
     state = load_weights(result.weights_path, ARCHITECTURE).state_dict
     n_phantoms = len(cases) - len(real)
-    card = ModelCard(
-        architecture=ARCHITECTURE,
-        architecture_version=ARCHITECTURE_VERSION,
-        config=config.to_dict(),
+    card = model_card(
+        config,
         training_data=f"synthetic: {n_phantoms} CovidCTDx phantoms (COVID-19/CAP/normal) + {real_desc}",
         synthetic=True,
         metrics={
@@ -175,7 +195,6 @@ def main(argv=None) -> int:
             "train_wall_s": round(train_s, 1),
             "script_wall_s": round(wall, 1),
         },
-        project_version=__version__,
         notes=(
             f"Demo weights for trying the pipeline. Trained on CPU ({args.threads} thread(s)) by tools/train_demo_deepsc.py "
             f"in {wall / 60:.1f} min wall. Synthetic training data — not for diagnosis."

@@ -26,9 +26,9 @@ log = logging.getLogger("train_demo_racnet")
 
 def held_out_metrics(path: Path, n: int) -> dict:
     """COVID accuracy and severity macro-F1 of ``run_racnet`` on ``n`` unseen phantoms."""
-    from CovidCTDxLib.synthetic.phantom import make_phantom, severity_from_lvr
     from CovidCTDxLib.racnet.inference import load_racnet, run_racnet
     from CovidCTDxLib.result import SEVERITY_KEYS, LungMasks
+    from CovidCTDxLib.synthetic.phantom import make_phantom, severity_from_lvr
     from CovidCTDxLib.training.common import accuracy, confusion_matrix, macro_f1
     from CovidCTDxLib.training.racnet_data import PHANTOM_CYCLE, PHANTOM_GEOMETRIES
     from CovidCTDxLib.weights import load_weights
@@ -100,8 +100,8 @@ def main() -> int:
                     help="do not train: recompute the anchors of the weights at --out from the training phantoms, re-score")
     a = ap.parse_args()
 
-    from CovidCTDxLib.training import train_racnet
     from CovidCTDxLib.racnet.inference import save_racnet_weights
+    from CovidCTDxLib.training import train_racnet
     from CovidCTDxLib.weights import load_weights
 
     t0 = time.perf_counter()

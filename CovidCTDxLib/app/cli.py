@@ -48,20 +48,38 @@ class ProgressPrinter:
 
 
 # --------------------------------------------------------------------------- commands
+def parse_triple(text: Optional[str], option: str, kind: type = float) -> Optional[tuple]:
+    """``x,y,z`` → a 3-tuple (None when not given); one line on anything else."""
+    if text is None:
+        return None
+    try:
+        values = tuple(kind(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise CovidCTDxError(f"{option} needs three comma-separated numbers x,y,z, got {text!r}.")
+    return values
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    from ..io.output_folder import OutputFolder
     from ..io.readers import read_ct
     from ..io.results import write_outputs
-    from ..pipeline import PipelineOptions, run_pipeline
+    from ..pipeline import PipelineOptions, parse_stages, run_pipeline
+    from ..result import STAGES
 
-    ct = read_ct(args.ct_path, series_uid=args.series_uid)
+    # Everything cheap that can refuse comes first: options, the output folder, then the CT.
     options = PipelineOptions(
-        stages=args.stages.split(",") if args.stages else PipelineOptions().stages,
+        stages=parse_stages(args.stages) if args.stages is not None else STAGES,
         weights_dir=args.weights,
         lung_model=args.lung_model,
         lesion_source=args.lesion_source,
     )
-    result = run_pipeline(ct, options, progress=ProgressPrinter(args.quiet), cancel=args.cancel)
-    files = write_outputs(result, Path(args.output), source=str(args.ct_path))
+    spacing = parse_triple(args.spacing, "--spacing")
+    with OutputFolder(args.output) as folder:
+        ct = read_ct(args.ct_path, series_uid=args.series_uid, spacing=spacing, resample_gaps=args.resample_gaps)
+        result = run_pipeline(ct, options, progress=ProgressPrinter(args.quiet), cancel=args.cancel)
+        files = write_outputs(result, folder, source=str(args.ct_path))
     _summarise(files["results.json"])
     return 0
 
@@ -95,8 +113,10 @@ def cmd_phantom(args: argparse.Namespace) -> int:
     from ..io.segmentation_file import write_segmentation, write_volume
     from ..synthetic.phantom import make_phantom
 
-    shape = tuple(int(v) for v in args.shape.split(",")) if args.shape else None
-    spacing = tuple(float(v) for v in args.spacing.split(",")) if args.spacing else None
+    # Both are x,y,z on the command line, like every spacing in CovidCTDx; make_phantom takes the shape as (z, y, x).
+    shape_xyz = parse_triple(args.shape, "--shape", int)
+    shape = tuple(reversed(shape_xyz)) if shape_xyz else None
+    spacing = parse_triple(args.spacing, "--spacing")
     kwargs = {k: v for k, v in (("shape", shape), ("spacing", spacing)) if v is not None}
     start = time.perf_counter()
     ph = make_phantom(kind=args.kind, severity=args.severity, lvr_percent=args.lvr, seed=args.seed, **kwargs)
@@ -108,7 +128,7 @@ def cmd_phantom(args: argparse.Namespace) -> int:
                  "ggo": ph.lesion_type == 1, "consolidation": ph.lesion_type == 3}
         write_segmentation(ph.ct, masks, Path(args.truth))
     print(f"phantom: {out} ({args.kind}, {ph.severity or 'no lesions'}, LVR {ph.lvr_percent:.1f}%, "
-          f"shape {ph.ct.shape}, {elapsed:.1f} s)")
+          f"{' x '.join(str(n) for n in reversed(ph.ct.shape))} voxels (x, y, z), {elapsed:.1f} s)")
     return 0
 
 
@@ -122,14 +142,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
                                       truth=str(out / "demo_truth.seg.nrrd"))
     cmd_phantom(phantom_args)
     run_args = argparse.Namespace(ct_path=str(ct_path), output=str(out), weights=args.weights, stages=None,
-                                  lung_model=None, lesion_source="auto", series_uid=None, quiet=args.quiet, cancel=args.cancel)
+                                  lung_model=None, lesion_source="auto", series_uid=None, spacing=None,
+                                  resample_gaps=False, quiet=args.quiet, cancel=args.cancel)
     return cmd_run(run_args)
 
 
 def cmd_findings(args: argparse.Namespace) -> int:
     from ..findings.recompute import recompute_findings_files
 
-    files = recompute_findings_files(Path(args.ct_path), Path(args.seg_path), Path(args.output))
+    files = recompute_findings_files(Path(args.ct_path), Path(args.seg_path), Path(args.output),
+                                     spacing=parse_triple(args.spacing, "--spacing"))
     _summarise(files["results.json"])
     return 0
 
@@ -144,55 +166,88 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- parser
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default, unless it has none or its help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, False) or "default" in text:
+            return text
+        return super()._get_help_string(action) or text
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="covidctdx", description="Chest CT → lungs, lesions, COVID-19 classification, severity, findings.")
+    parser = argparse.ArgumentParser(
+        prog="covidctdx",
+        description="Chest CT → lungs, lesions, COVID-19 classification, severity, findings.",
+    )
     parser.add_argument("--version", action="version", version=f"covidctdx {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    # The same two flags after the subcommand; SUPPRESS keeps a flag given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log details")
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress output")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run the pipeline on a CT file or DICOM folder")
+    def add(name: str, help_text: str, **kwargs) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_text, description=help_text, parents=[common],
+                              formatter_class=_HelpFormatter, **kwargs)
+
+    spacing_help = ("voxel size x,y,z in mm replacing the header's; needed when the header has none "
+                    "(refused otherwise), recorded as a warning")
+    run = add("run", "run the pipeline on a CT file or DICOM folder")
     run.add_argument("ct_path", help=".nii/.nii.gz/.nrrd/.mha file or DICOM series folder")
-    run.add_argument("-o", "--output", default="covidctdx_output", help="output folder")
-    run.add_argument("--weights", type=Path, default=None, help="folder with deepsc_*.safetensors / racnet_*.safetensors")
+    run.add_argument("-o", "--output", default="covidctdx_output", help="output folder (checked and locked before any work)")
+    run.add_argument("--weights", type=Path, default=None,
+                     help="existing folder with deepsc_*.safetensors / racnet_*.safetensors (default: the bundled demo weights)")
     run.add_argument("--lung-model", type=Path, default=None,
-                     help="a lung U-Net .safetensors (R231 layout, see CovidCTDxLib/lung_model.py) to use "
+                     help="a lung U-Net .safetensors file (R231 layout, see CovidCTDxLib/lungs/model_hook.py) to use "
                           "instead of the classical lung engine; checked against its .sha256 sidecar")
-    run.add_argument("--stages", default=None, help="comma-separated subset of lungs,deepsc,racnet,findings")
-    run.add_argument("--lesion-source", default="auto", choices=("auto", "deepsc", "density"))
+    run.add_argument("--stages", default=None,
+                     help="comma-separated subset of lungs,deepsc,racnet,findings, case and spaces ignored (default: all)")
+    run.add_argument("--lesion-source", default="auto", choices=("auto", "deepsc", "density"),
+                     help="where the findings' lesions come from: auto = DeepSC-COVID with weights trained on real "
+                          "data, else the density engine; deepsc or density force one")
     run.add_argument("--series-uid", default=None, help="pick one CT series in a folder holding several")
+    run.add_argument("--spacing", default=None, help=spacing_help)
+    run.add_argument("--resample-gaps", action="store_true",
+                     help="DICOM with missing slices: interpolate onto the true slice positions instead of refusing "
+                          "(gaps recorded in results.json and the report)")
     run.set_defaults(func=cmd_run)
 
-    ph = sub.add_parser("phantom", help="write a synthetic chest CT phantom")
+    ph = add("phantom", "write a synthetic chest CT phantom")
     ph.add_argument("out_path", help="output volume (.nrrd/.nii.gz/.mha)")
     ph.add_argument("--kind", default="covid", choices=("covid", "cap", "normal"))
     ph.add_argument("--severity", default=None, choices=("mild", "moderate", "severe", "critical"))
     ph.add_argument("--lvr", type=float, default=None, help="lesion volume ratio in percent (overrides --severity)")
     ph.add_argument("--seed", type=int, default=0)
-    ph.add_argument("--shape", default=None, help="z,y,x voxels, e.g. 300,512,512")
+    ph.add_argument("--shape", default=None, help="x,y,z voxels (same order as --spacing), e.g. 512,512,300")
     ph.add_argument("--spacing", default=None, help="x,y,z mm, e.g. 0.7,0.7,1.0")
     ph.add_argument("--truth", default=None, help="also write the ground truth as this .seg.nrrd")
     ph.set_defaults(func=cmd_phantom)
 
-    demo = sub.add_parser("demo", help="phantom → pipeline → outputs")
-    demo.add_argument("-o", "--output", default="demo_output")
+    demo = add("demo", "phantom → pipeline → outputs")
+    demo.add_argument("-o", "--output", default="demo_output", help="output folder")
     demo.add_argument("--kind", default="covid", choices=("covid", "cap", "normal"))
     demo.add_argument("--severity", default="moderate", choices=("mild", "moderate", "severe", "critical"))
     demo.add_argument("--seed", type=int, default=2026)
-    demo.add_argument("--shape", default=None)
-    demo.add_argument("--spacing", default=None)
-    demo.add_argument("--weights", type=Path, default=None)
+    demo.add_argument("--shape", default=None, help="x,y,z voxels of the phantom")
+    demo.add_argument("--spacing", default=None, help="x,y,z mm of the phantom")
+    demo.add_argument("--weights", type=Path, default=None, help="weights folder (default: the bundled demo weights)")
     demo.set_defaults(func=cmd_demo)
 
-    fi = sub.add_parser("findings", help="recompute findings from an (edited) seg.nrrd")
-    fi.add_argument("ct_path")
-    fi.add_argument("seg_path")
-    fi.add_argument("-o", "--output", default="covidctdx_findings")
+    fi = add("findings", "recompute findings from an (edited) seg.nrrd")
+    fi.add_argument("ct_path", help="the CT the segmentation was made on")
+    fi.add_argument("seg_path", help="segmentation.seg.nrrd (as written by run, or saved from Slicer)")
+    fi.add_argument("-o", "--output", default="covidctdx_findings",
+                    help="output folder; a run's folder keeps that run's classification, severity and evidence")
+    fi.add_argument("--spacing", default=None, help=spacing_help)
     fi.set_defaults(func=cmd_findings)
 
-    tr = sub.add_parser("train", help="train a model (see `covidctdx train deepsc --help`)", add_help=False)
-    tr.add_argument("model", choices=("deepsc", "racnet"))
-    tr.add_argument("train_args", nargs=argparse.REMAINDER)
+    tr = add("train", "train a model (see `covidctdx train deepsc --help`)")
+    tr.add_argument("model", choices=("deepsc", "racnet"), help="the model to train; its options follow it")
+    tr.add_argument("train_args", nargs=argparse.REMAINDER, help="the trainer's options")
     tr.set_defaults(func=cmd_train)
     return parser
 

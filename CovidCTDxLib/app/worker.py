@@ -22,7 +22,6 @@ headless scripts call :meth:`WorkerJob.wait`.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import os
@@ -35,12 +34,11 @@ import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
-
-import numpy as np
+from typing import Any, Dict, List, Optional, Sequence
 
 from ..errors import CovidCTDxError
-from ..result import Classification, LesionMasks, LungMasks, Provenance, Result, Severity
+from ..io.results import result_from_outputs
+from ..result import Result
 from ..volume import CTVolume
 
 log = logging.getLogger(__name__)
@@ -264,79 +262,6 @@ class WorkerJob:
             self.cancel()
         if self._owns_work_dir and self.work_dir is not None:
             shutil.rmtree(self.work_dir, ignore_errors=True)
-
-
-# --------------------------------------------------------------------------- outputs → Result
-@dataclass
-class StoredFindings:
-    """Findings read back from findings.csv/results.json; same interface as findings.Findings."""
-
-    table: List[Tuple[str, Optional[float], str, str]]
-    values: Dict[str, Any]
-
-    def rows(self) -> List[Tuple[str, Optional[float], str, str]]:
-        return list(self.table)
-
-    def to_dict(self) -> Dict[str, Any]:
-        return dict(self.values)
-
-
-def _provenance(d: Dict[str, Any]) -> Provenance:
-    return Provenance(
-        model=d.get("model", ""),
-        weights_file=d.get("weights_file", ""),
-        weights_sha256=d.get("weights_sha256", ""),
-        training_data=d.get("training_data", ""),
-        not_for_diagnosis=bool(d.get("not_for_diagnosis", True)),
-        project_version=d.get("project_version", ""),
-    )
-
-
-def _float_or_none(text: str) -> Optional[float]:
-    try:
-        return float(text)
-    except (TypeError, ValueError):
-        return None
-
-
-def result_from_outputs(out_dir: Path, ct: CTVolume) -> Result:
-    """Rebuild a Result (on ``ct``'s grid) from the files ``write_outputs`` produced."""
-    import SimpleITK as sitk
-
-    from ..io.segmentation_file import read_segmentation
-
-    out_dir = Path(out_dir)
-    payload = json.loads((out_dir / "results.json").read_text())
-    result = Result(ct=ct, skipped=dict(payload.get("not_run") or {}), timings_s=dict(payload.get("timings_s") or {}))
-    seg_path = out_dir / "segmentation.seg.nrrd"
-    masks = read_segmentation(seg_path, ct).masks if seg_path.exists() else {}
-    empty = np.zeros(ct.shape, dtype=bool)
-    if "right_lung" in masks and "left_lung" in masks:
-        method = (payload.get("lungs") or {}).get("method", "classical")
-        result.lungs = LungMasks(masks["right_lung"], masks["left_lung"], masks.get("airways", empty), empty, method)
-    if "lesion" in masks:
-        source = ((payload.get("provenance") or {}).get("lesions") or {}).get("source", "")
-        result.lesions = LesionMasks(masks["lesion"], masks.get("ggo"), masks.get("consolidation"), source)
-    result.deepsc_lesion = masks.get("deepsc_lesion")
-    evidence_path = out_dir / "evidence.nrrd"
-    if evidence_path.exists():
-        result.evidence = sitk.GetArrayFromImage(sitk.ReadImage(str(evidence_path))).astype(np.float32)
-    c = payload.get("classification")
-    if c:
-        result.classification = Classification(c["label"], dict(c["probabilities"]), _provenance(c.get("weights") or {}))
-    s = payload.get("severity")
-    if s:
-        result.severity = Severity(
-            s["label"], dict(s["probabilities"]), float(s.get("covid_probability") or 0.0), list(s.get("nearest_anchors") or []),
-            bool(s.get("out_of_distribution")), _provenance(s.get("weights") or {}), int(s.get("slices_used") or 0),
-        )
-    findings_csv = out_dir / "findings.csv"
-    if payload.get("findings") and findings_csv.exists():
-        with open(findings_csv, newline="") as f:
-            rows = list(csv.reader(f))[1:]
-        table = [(r[0], _float_or_none(r[1]), r[2], r[3]) for r in rows if len(r) >= 4]
-        result.findings = StoredFindings(table, payload["findings"])
-    return result
 
 
 # --------------------------------------------------------------------------- headless batch

@@ -1,7 +1,7 @@
 """DeepSC-COVID on a whole CT: preprocessing shared with training, sliding-window inference,
 paste-back to the CT grid.
 
-Preprocessing (DESIGN.md, DeepSC-COVID): reorient to a canonical patient frame, crop to the
+Preprocessing (docs/ARCHITECTURE.md, DeepSC-COVID): reorient to a canonical patient frame, crop to the
 lung bounding box (+ margin), clip HU to the model's window and scale to 0..1, zero
 everything outside the lungs, resample to the model's spacing. The lesion subnet then runs
 over overlapping patches whose outputs are blended with a Gaussian weight (centre voxels
@@ -214,7 +214,8 @@ def plan_axis(n: int, patch: int, overlap: float, scale: float) -> Tuple[int, Li
         return max(patch, -(-n // 8) * 8), [0]
     o = int(round(patch * overlap))
     k = -(-(n - o) // (biggest - o))
-    size = max(patch, -(-(-(-(n + (k - 1) * o) // k)) // 8) * 8)
+    window = -(-(n + (k - 1) * o) // k)  # ceil: k windows with overlap o cover n
+    size = max(patch, -(-window // 8) * 8)
     starts = sorted({int(round(v)) for v in np.linspace(0, n - size, k)})
     return size, starts
 

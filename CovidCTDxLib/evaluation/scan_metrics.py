@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
-from typing import NamedTuple, Optional, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -27,19 +27,22 @@ MIN_NEIGHBOUR_AREA_MM2 = 100.0
 _GRID_TOL_MM = 1e-3
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice overlap of two boolean masks.
+def dice(a: np.ndarray, b: np.ndarray, mask: Optional[np.ndarray] = None, empty: float = 1.0) -> float:
+    """Dice overlap of two boolean masks, optionally restricted to ``mask``.
 
-    Two empty masks agree perfectly (1.0): a scan without a structure and a method that
-    finds none should not score as a failure. One empty and one not gives 0.0.
+    Two empty masks score ``empty`` (1.0 by default: a scan without a structure and a method
+    that finds none should not score as a failure). One empty and one not gives 0.0.
     """
     a = np.asarray(a, dtype=bool)
     b = np.asarray(b, dtype=bool)
     if a.shape != b.shape:
         raise ValueError(f"dice: shapes differ {a.shape} vs {b.shape}")
+    if mask is not None:
+        m = np.asarray(mask, dtype=bool)
+        a, b = a & m, b & m
     total = int(np.count_nonzero(a)) + int(np.count_nonzero(b))
     if total == 0:
-        return 1.0
+        return float(empty)
     return 2.0 * float(np.count_nonzero(a & b)) / total
 
 
@@ -124,6 +127,13 @@ def slice_auc(
         if keep.shape != s.shape:
             raise ValueError(f"slice_auc: include has {keep.size} entries, need {s.size}")
         s, y = s[keep], y[keep]
+    return binary_auc(y, s)
+
+
+def binary_auc(labels: Sequence[int], scores: Sequence[float]) -> float:
+    """ROC AUC via the Mann–Whitney U statistic, ties at average ranks; NaN if one class only."""
+    y = np.asarray(labels).ravel().astype(bool)
+    s = np.asarray(scores, dtype=np.float64).ravel()
     n_pos = int(np.count_nonzero(y))
     n_neg = int(y.size - n_pos)
     if n_pos == 0 or n_neg == 0:

@@ -28,6 +28,7 @@ Speed: everything is counted on the lung bounding box with integer histograms
 (``np.bincount``) over lesion voxels only, so a recompute after an edit takes well under a
 second on a 512x512x300 scan when the zones are given.
 """
+
 from __future__ import annotations
 
 import math
@@ -153,8 +154,7 @@ class Findings:
             "lesion_types_ml": dict(self.lesion_types_ml),
             "hu_classes_ml": {k: round(v, 2) for k, v in self.hu_classes_ml.items()},
             "hu_classes_percent": {
-                k: round(100.0 * v / self.whole.lung_ml, 3) if self.whole.lung_ml > 0 else 0.0
-                for k, v in self.hu_classes_ml.items()
+                k: round(100.0 * v / self.whole.lung_ml, 3) if self.whole.lung_ml > 0 else 0.0 for k, v in self.hu_classes_ml.items()
             },
             "per_lung": {k: v.to_dict() for k, v in self.sides.items()},
             "per_zone": {k: {**v.to_dict(), "severity_points": self.zone_scores[k]} for k, v in self.zones.items()},
@@ -167,14 +167,27 @@ class Findings:
         plr = self.plr_percent
         t = self.peripheral_thickness_mm
         out: List[Tuple[str, Any, str, str]] = [
-            ("lesion_count", self.lesion_count, "count",
-             f"3D connected lesion components (26-connected) of at least {MIN_COUNTED_LESION_ML} mL"),
+            (
+                "lesion_count",
+                self.lesion_count,
+                "count",
+                f"3D connected lesion components (26-connected) of at least {MIN_COUNTED_LESION_ML} mL",
+            ),
             ("lesion_volume_ml", round(self.lesion_volume_ml, 3), "mL", "Total lesion volume inside the lungs"),
             ("lesion_volume_ratio_percent", round(self.lvr_percent, 3), "%", "Lesion volume / lung volume (DeepSC-COVID LVR)"),
-            ("peripheral_lesion_ratio_percent", None if plr is None else round(plr, 2), "%",
-             f"Share of lesion volume within {t:g} mm of the pleura, per slice (DeepSC-COVID PLR); empty without lesions"),
-            ("ct_severity_score", self.ct_severity_score, "points",
-             f"Sum over {len(self.zones)} zones of 0-5 points by % involved (0, <5, 5-25, 26-50, 51-75, >75 %; Pan/Chung 2020 scale on zones)"),
+            (
+                "peripheral_lesion_ratio_percent",
+                None if plr is None else round(plr, 2),
+                "%",
+                f"Share of lesion volume within {t:g} mm of the pleura, per slice (DeepSC-COVID PLR); empty without lesions",
+            ),
+            (
+                "ct_severity_score",
+                self.ct_severity_score,
+                "points",
+                f"Sum over {len(self.zones)} zones of 0-5 points by % involved "
+                "(0, <5, 5-25, 26-50, 51-75, >75 %; Pan/Chung 2020 scale on zones)",
+            ),
             ("lung_volume_ml", round(self.whole.lung_ml, 2), "mL", "Right + left lung volume"),
             ("zones_involved", self.zones_involved, "count", "Zones (upper/middle/lower per lung) containing lesion"),
             ("lungs_involved", self.lungs_involved, "count", "Lungs containing lesion"),
@@ -185,8 +198,14 @@ class Findings:
             label = "mean" if key == "mean" else ("standard deviation" if key == "std" else f"{key[1:]}th percentile")
             out.append((f"lesion_hu_{key}", None if v is None else round(v, 1), "HU", f"Lesion voxel CT value, {label}"))
         for name, ml in self.lesion_types_ml.items():
-            out.append((f"{name}_volume_ml", None if ml is None else round(ml, 3), "mL",
-                        f"Lesion volume typed as {name.replace('_', ' ')} (smoothed HU {'< -300' if name == 'ggo' else '>= -300'})"))
+            out.append(
+                (
+                    f"{name}_volume_ml",
+                    None if ml is None else round(ml, 3),
+                    "mL",
+                    f"Lesion volume typed as {name.replace('_', ' ')} (smoothed HU {'< -300' if name == 'ggo' else '>= -300'})",
+                )
+            )
         for (name, lo, hi), ml in zip(HU_CLASSES, self.hu_classes_ml.values()):
             pct = 100.0 * ml / self.whole.lung_ml if self.whole.lung_ml > 0 else 0.0
             out.append((f"lung_{name}_ml", round(ml, 2), "mL", f"Lung volume with {lo:g} <= HU < {hi:g} (Lung CT Analyzer class)"))
@@ -195,7 +214,14 @@ class Findings:
             out += _region_rows(side, r, t)
         for zone, r in self.zones.items():
             out += _region_rows(zone, r, t)
-            out.append((f"{zone}_severity_points", self.zone_scores[zone], "points", f"0-5 points by % of the {zone.replace('_', ' ')} zone involved"))
+            out.append(
+                (
+                    f"{zone}_severity_points",
+                    self.zone_scores[zone],
+                    "points",
+                    f"0-5 points by % of the {zone.replace('_', ' ')} zone involved",
+                )
+            )
         return out
 
 
@@ -203,10 +229,21 @@ def _region_rows(name: str, r: RegionFindings, t: float) -> List[Tuple[str, Any,
     where = name.replace("_", " ")
     plr = r.plr_percent
     return [
-        (f"{name}_lesion_count", r.lesion_count, "count", f"Lesion components (>= {MIN_COUNTED_LESION_ML} mL) whose largest part lies in the {where} {'lung' if name in SIDE_ZONES else 'zone'}"),
+        (
+            f"{name}_lesion_count",
+            r.lesion_count,
+            "count",
+            f"Lesion components (>= {MIN_COUNTED_LESION_ML} mL) whose largest part lies in the {where} "
+            f"{'lung' if name in SIDE_ZONES else 'zone'}",
+        ),
         (f"{name}_lesion_volume_ml", round(r.lesion_ml, 3), "mL", f"Lesion volume in the {where} region"),
         (f"{name}_lesion_volume_ratio_percent", round(r.lvr_percent, 3), "%", f"Lesion volume / volume of the {where} region"),
-        (f"{name}_peripheral_lesion_ratio_percent", None if plr is None else round(plr, 2), "%", f"Share of the {where} lesion volume within {t:g} mm of the pleura"),
+        (
+            f"{name}_peripheral_lesion_ratio_percent",
+            None if plr is None else round(plr, 2),
+            "%",
+            f"Share of the {where} lesion volume within {t:g} mm of the pleura",
+        ),
     ]
 
 
@@ -383,20 +420,26 @@ def _components(lesion: np.ndarray, labels: np.ndarray, ct: CTVolume, box, n_zon
         sl = objects[c - 1]
         centre = [(s.start + s.stop - 1) / 2.0 + o for s, o in zip(sl, offset)]
         extent = [(s.stop - s.start) * sp for s, sp in zip(sl, ct.spacing_zyx)]
-        lesion_list.append({
-            "id": len(lesion_list) + 1,
-            "volume_ml": round(float(sizes[c] * ml), 3),
-            "zone": LungZones.ZONE_NAMES[z],
-            "lung": "right" if z < 3 else "left",
-            "bbox_centre_lps_mm": [round(float(v), 1) for v in ct.index_to_lps(np.array(centre[::-1]))],
-            "bbox_size_mm_zyx": [round(float(v), 1) for v in extent],
-        })
+        lesion_list.append(
+            {
+                "id": len(lesion_list) + 1,
+                "volume_ml": round(float(sizes[c] * ml), 3),
+                "zone": LungZones.ZONE_NAMES[z],
+                "lung": "right" if z < 3 else "left",
+                "bbox_centre_lps_mm": [round(float(v), 1) for v in ct.index_to_lps(np.array(centre[::-1]))],
+                "bbox_size_mm_zyx": [round(float(v), 1) for v in extent],
+            }
+        )
     return len(kept), count_per_zone, lesion_list
 
 
 def _hu_summary(values: np.ndarray) -> Tuple[Dict[str, Any], Dict[str, Optional[float]]]:
     edges = np.array(HU_BIN_EDGES, dtype=np.float32)
-    counts = np.bincount(np.searchsorted(edges, values, side="right"), minlength=len(edges) + 1) if values.size else np.zeros(len(edges) + 1, int)
+    counts = (
+        np.bincount(np.searchsorted(edges, values, side="right"), minlength=len(edges) + 1)
+        if values.size
+        else np.zeros(len(edges) + 1, int)
+    )
     hist = {
         "bin_edges_hu": list(HU_BIN_EDGES),
         "below_first_edge": int(counts[0]),

@@ -20,9 +20,7 @@ CAP-typical the mirror image; anything else is indeterminate. No lesion -> "no_l
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
-
-LABELS = ("covid19_typical", "cap_typical", "indeterminate", "no_lesions")
+from typing import Any, Dict, List, Mapping, Optional
 
 COUNT_COVID, COUNT_CAP = 4, 1
 DENSE_HU = -100.0
@@ -37,6 +35,14 @@ class Reading:
     reasons: List[str] = field(default_factory=list)
     covid_votes: int = 0
     cap_votes: int = 0
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The form results.json, the report and the Slicer tables carry."""
+        return {"label": self.label, "reasons": list(self.reasons)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Reading":
+        return cls(str(data["label"]), [str(r) for r in data.get("reasons", [])])
 
 
 def dense_share_percent(findings) -> Optional[float]:

@@ -25,6 +25,14 @@ def render_report(results: Dict[str, Any]) -> str:
     lines.append(f"Input: `{src['source']}` — {' × '.join(str(s) for s in src['shape_zyx'])} voxels (z, y, x), "
                  f"spacing {', '.join(f'{s:.2f}' for s in src['spacing_mm'])} mm")
     lines.append("")
+    for warning in src.get("warnings", []):
+        lines.append(f"> **Input warning:** {warning}")
+        lines.append("")
+    for gap in src.get("resampled_gaps", []):
+        lines.append(f"- slice gap of {gap['gap_mm']:.1f} mm between {gap['from_mm']:.1f} and {gap['to_mm']:.1f} mm "
+                     f"({', '.join(gap['files'])}) interpolated")
+    if src.get("resampled_gaps"):
+        lines.append("")
     labels = {p.get("label") for p in results["provenance"].values() if isinstance(p, dict) and p.get("label")}
     for label in sorted(labels):
         lines.append(f"> **WARNING: model outputs below come from weights trained on {label}.**")
@@ -51,7 +59,8 @@ def render_report(results: Dict[str, Any]) -> str:
     sev = results.get("severity")
     if sev:
         lines.append(f"**{sev['label']}** — " + ", ".join(f"{k} {_pct(v)}" for k, v in sev["probabilities"].items()))
-        lines.append(f"COVID-19 probability {_pct(sev['covid_probability'])}; out of distribution: {'yes' if sev['out_of_distribution'] else 'no'}.")
+        ood = "yes" if sev["out_of_distribution"] else "no"
+        lines.append(f"COVID-19 probability {_pct(sev['covid_probability'])}; out of distribution: {ood}.")
         lines.append(_weights_line(sev["weights"]))
     else:
         lines.append(f"Not run: {results['not_run'].get('severity', 'no reason recorded')}")

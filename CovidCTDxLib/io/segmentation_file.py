@@ -6,21 +6,48 @@ file. Files are written to a temporary name and renamed, so a failure never leav
 """
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import SimpleITK as sitk
 
-from ..errors import InputError
+from ..errors import InputError, OutputError
 from ..segments import SEGMENTS, SegmentSpec
 from ..volume import CTVolume
 from .readers import VOLUME_SUFFIXES, PathLike, _suffix
 
+log = logging.getLogger(__name__)
+
 
 # --------------------------------------------------------------------------- writing
+def _write_atomically(path: Path, tmp: Path, write: Callable[[Path], None]) -> Path:
+    """Run ``write(tmp)`` and rename tmp to ``path``; on failure remove tmp and raise one line.
+
+    Why here: a full disk or a read-only folder surfaces as OSError from pynrrd but as an
+    ITK RuntimeError (a multi-line "[nrrd]" dump) from SimpleITK; both become an
+    :class:`OutputError` that says what to do, and no partial file is left behind.
+    """
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"Cannot write {path}: {exc.strerror or exc}.") from None
+    except RuntimeError:  # SimpleITK's I/O failures
+        tmp.unlink(missing_ok=True)
+        try:
+            free = f"{shutil.disk_usage(path.parent).free / 2**20:.1f} MiB free there"
+        except OSError:
+            free = "the folder is not accessible"
+        raise OutputError(f"Cannot write {path} ({free}): is the disk full or the folder read-only?") from None
+    return path
+
+
 def ct_to_image(ct: CTVolume, array: Optional[np.ndarray] = None) -> sitk.Image:
     """A SimpleITK image of ``array`` (default: the CT's) with the CT's geometry."""
     image = sitk.GetImageFromArray(ct.array if array is None else array)
@@ -37,9 +64,7 @@ def write_volume(ct: CTVolume, path: PathLike, array: Optional[np.ndarray] = Non
         raise InputError(f"{path}: unsupported output format; use one of {', '.join(VOLUME_SUFFIXES)}.")
     image = ct_to_image(ct, array)
     tmp = path.with_name(f".{path.name}.partial{_suffix(path)}")
-    sitk.WriteImage(image, str(tmp), useCompression=True)
-    os.replace(tmp, path)
-    return path
+    return _write_atomically(path, tmp, lambda t: sitk.WriteImage(image, str(t), useCompression=True))
 
 
 def write_segmentation(
@@ -106,9 +131,7 @@ def write_segmentation(
         tags = f"TerminologyEntry:{spec.terminology_entry()}|" if spec else ""
         header[f"Segment{i}_Tags"] = tags
     tmp = path.with_name(f".{path.name}.partial")
-    nrrd.write(str(tmp), data, header, index_order="F", compression_level=1)
-    os.replace(tmp, path)
-    return path
+    return _write_atomically(path, tmp, lambda t: nrrd.write(str(t), data, header, index_order="F", compression_level=1))
 
 
 @dataclass
@@ -149,6 +172,7 @@ def read_segmentation(path: PathLike, ct: CTVolume) -> SegmentationFile:
         origin = flip @ origin
     spacing = np.linalg.norm(directions, axis=1)
     direction = (directions / spacing[:, None]).T
+    _check_segmentation_grid(p, ct, data.shape[1:], spacing, origin, direction)
     masks: Dict[str, np.ndarray] = {}
     names: Dict[str, str] = {}
     i = 0
@@ -170,6 +194,44 @@ def read_segmentation(path: PathLike, ct: CTVolume) -> SegmentationFile:
     if not masks:
         raise InputError(f"{p}: contains no segments.")
     return SegmentationFile(masks, names)
+
+
+def _check_segmentation_grid(
+    path: Path, ct: CTVolume, size_xyz: Tuple[int, ...], spacing: np.ndarray, origin: np.ndarray, direction: np.ndarray
+) -> None:
+    """Refuse a segmentation that does not overlap the CT; record it when it must be resampled.
+
+    Why: resampling silently puts a segmentation drawn on another scan (another patient,
+    another series) onto this CT, and every finding computed from it is then wrong. A
+    segmentation saved cropped by Slicer lies on a sub-grid of the CT and needs no resampling.
+    """
+    def corners(size: Tuple[int, ...]) -> np.ndarray:
+        return np.array([[i, j, k] for i in (0, size[0] - 1) for j in (0, size[1] - 1) for k in (0, size[2] - 1)], float)
+
+    seg = CTVolume(np.zeros((1, 1, 1), np.uint8), tuple(spacing), tuple(origin), direction)
+    seg_lps, ct_lps = seg.index_to_lps(corners(size_xyz)), ct.index_to_lps(corners(ct.shape[::-1]))
+    half = np.abs(ct.direction @ np.diag(ct.spacing)).sum(axis=1) / 2  # half a voxel: boxes of voxel centres touch
+    lo, hi = np.maximum(seg_lps.min(0), ct_lps.min(0) - half), np.minimum(seg_lps.max(0), ct_lps.max(0) + half)
+    if np.any(lo > hi):
+        def extent(points: np.ndarray) -> str:
+            return ", ".join(f"{a} {low:.0f}..{high:.0f}" for a, low, high in zip("xyz", points.min(0), points.max(0)))
+
+        raise InputError(
+            f"{path}: the segmentation does not overlap the CT (segmentation LPS mm {extent(seg_lps)}; "
+            f"CT {extent(ct_lps)}). "
+            "It was drawn on another scan; give the CT it was made on."
+        )
+    offset = np.linalg.solve(ct.direction @ np.diag(ct.spacing), origin - np.asarray(ct.origin))
+    same_grid = (
+        np.allclose(spacing, ct.spacing, rtol=1e-3)
+        and np.allclose(direction, ct.direction, atol=1e-4)
+        and np.allclose(offset, np.round(offset), atol=1e-2)
+    )
+    if not same_grid:
+        ct.warn(
+            f"{path.name} is on another grid (spacing {', '.join(f'{s:.3g}' for s in spacing)} mm) than the CT "
+            f"({', '.join(f'{s:.3g}' for s in ct.spacing)} mm); it was resampled onto the CT grid (nearest neighbour)."
+        )
 
 
 def _id_from_name(name: str, fallback: str) -> str:

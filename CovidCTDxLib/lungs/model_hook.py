@@ -37,7 +37,7 @@ from torch.nn import functional as F
 from ..errors import WeightsError
 from ..models.lung_unet import UNet2D
 from ..volume import LPS_SUPERIOR, CTVolume
-from ..weights import read_checked_safetensors, write_with_sha256_sidecar
+from ..weights import describe_mismatch, read_checked_safetensors, write_with_sha256_sidecar
 
 log = logging.getLogger(__name__)
 
@@ -90,11 +90,14 @@ class TorchLungModel:
             depth, wf = int(meta.get("depth", 5)), int(meta.get("wf", 6))
             n_classes = int(meta.get("n_classes", state["last.weight"].shape[0] if "last.weight" in state else 3))
             net = UNet2D(1, n_classes, depth, wf)
-            net.load_state_dict(state, strict=True)
         except (KeyError, RuntimeError, ValueError) as exc:
+            raise WeightsError(f"{name} has unusable lung model metadata ({exc}).") from None
+        mismatch = describe_mismatch(net.state_dict(), state, meta)
+        if mismatch:
             raise WeightsError(
-                f"{name} does not hold a UNet2D lung model (see CovidCTDxLib.lungs.model_hook for the expected layout): {exc}"
-            ) from exc
+                f"{name} does not hold a UNet2D lung model ({mismatch}); see CovidCTDxLib.lungs.model_hook for the layout."
+            )
+        net.load_state_dict(state, strict=True)
         log.info("lung model %s: depth %d, wf %d, %d classes, sha256 %s", name, depth, wf, n_classes, checked.sha256[:12])
         model = cls(
             net,

@@ -9,7 +9,7 @@ Tensors are (N, C, D, H, W) = (batch, channels, z, y, x).
 """
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -149,11 +149,3 @@ def paste_from_box(patch: torch.Tensor, box: torch.Tensor, size: Sequence[int]) 
     theta = _box_theta(box.to(patch.dtype), inverse=True)
     grid = F.affine_grid(theta, [patch.shape[0], patch.shape[1], *size], align_corners=False)
     return F.grid_sample(patch, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-
-
-def box_from_indices(start: Sequence[int], size: Sequence[int], extent: Sequence[int]) -> Tuple[float, ...]:
-    """(z0, z1, y0, y1, x0, x1) fractions for a patch at voxel ``start`` of ``size`` in ``extent``."""
-    out = []
-    for s, n, e in zip(start, size, extent):
-        out += [s / e, (s + n) / e]
-    return tuple(out)

@@ -1,7 +1,7 @@
 """DeepSC-COVID (Wang et al., IEEE TMI 2021): joint 3D lesion segmentation and 3-class
 classification (COVID-19 / CAP / non-pneumonia) with multi-layer CAM evidence maps.
 
-Re-implemented from the paper and ``MODELS.md``; no upstream code is used. Two inputs per
+Re-implemented from the paper (Wang et al., IEEE TMI 40(9), 2021); no upstream code is used. Two inputs per
 forward pass:
 
 - ``patch`` (N, 1, pz, py, px): a 3D patch of the lung-masked, HU-windowed scan;

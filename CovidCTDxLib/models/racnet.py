@@ -20,7 +20,7 @@ Design decisions (our reading of the abstract):
    a small CNN for CPU. Only *valid* slices are encoded (padding never enters the CNN), so a
    slice's feature cannot depend on which scans share its batch.
 2. **GRU over ordered slices**: the baseline's RNN. Slices are ordered inferior → superior
-   in patient coordinates (``slices.py``) so "position along the GRU" means the same
+   in patient coordinates (``racnet/slice_selection.py``) so "position along the GRU" means the same
    anatomy for every scan. Bidirectional so that both ends of the lung inform every slice
    state. Packed sequences make padded steps invisible to both directions.
 3. **Routing** ("routing step … handles different input lengths"): each slice state is a

@@ -7,7 +7,7 @@ inference exactly what it saw in training. Its parameters travel in the model ca
 
 Preprocessing (our choices, documented because the abstract gives none):
 
-* Slices: :func:`slices.select_slices` — lung-area rule when a lung mask exists, else the
+* Slices: :func:`racnet.slice_selection.select_slices` — lung-area rule when a lung mask exists, else the
   physical COVID-CTset rule; ordered inferior → superior; optionally thinned to
   ``slice_step_mm`` so thin- and thick-slice scans cover the lungs with similar counts.
 * In-plane orientation: every slice is shown in radiological convention (rows anterior →
@@ -17,7 +17,7 @@ Preprocessing (our choices, documented because the abstract gives none):
   Why crop to the lungs: severity is a property of the lungs; a fixed FOV would waste most
   pixels on the table, arms and air.
 * Intensities: HU clipped to [−1400, 200] and scaled to [0, 1] as in DeepSC-COVID
-  (DESIGN.md). **Not** multiplied by the lung mask: COV19-CT-DB slices (the paper's data)
+  (docs/ARCHITECTURE.md). **Not** multiplied by the lung mask: COV19-CT-DB slices (the paper's data)
   are whole slices, and a mask error (e.g. missed dense consolidation) would otherwise
   erase the very lesions that define severity.
 """

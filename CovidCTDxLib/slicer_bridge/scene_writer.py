@@ -146,7 +146,7 @@ def write_result_to_scene(
         if result.severity is not None:
             out.severity_table = severity_table(scene, result.severity, f"{prefix} severity")
         if result.findings is not None:
-            out.findings_table = write_findings_table(scene, result.findings, f"{prefix} findings")
+            out.findings_table = write_findings_table(scene, result.findings, f"{prefix} findings", reading=result.reading)
         if result.evidence is not None:
             out.evidence_volume = evidence_volume(scene, input_volume_node, result.evidence, f"{prefix} evidence")
         for node in out.nodes():
@@ -169,11 +169,11 @@ def recompute_findings(scene, segmentation_node, volume_node, table_node=None):
 
     masks = masks_from_segmentation_node(segmentation_node, volume_node)
     ct = ct_from_volume_node(volume_node, copy=False)  # synchronous, read-only
-    findings = findings_from_masks(ct, masks, "edited segmentation").findings
+    recomputed = findings_from_masks(ct, masks, "edited segmentation")
     name = f"{volume_node.GetName()} CovidCTDx findings"
     with scene_transaction(scene):
         created = table_node is None
-        table_node = write_findings_table(scene, findings, name, table_node)
+        table_node = write_findings_table(scene, recomputed.findings, name, table_node, reading=recomputed.reading)
         table_node.SetAttribute(ATTRIBUTE_PREFIX + "segmentation", segmentation_node.GetID())
         table_node.SetAttribute(ATTRIBUTE_PREFIX + "inputVolume", volume_node.GetID())
         if created:

@@ -178,7 +178,7 @@ def _labelmap_on_grid(labelmap, reference_matrix: np.ndarray, dims: Tuple[int, i
     block = numpy_support.vtk_to_numpy(scalars).reshape(k1 - k0 + 1, j1 - j0 + 1, i1 - i0 + 1)
     lo = [max(0, v) for v in (k0, j0, i0)]
     hi = [min(d, v + 1) for d, v in zip(dims[::-1], (k1, j1, i1))]
-    if any(h <= l for l, h in zip(lo, hi)):
+    if any(h <= low for low, h in zip(lo, hi)):
         return mask
     mask[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = (
         block[lo[0] - k0 : hi[0] - k0, lo[1] - j0 : hi[1] - j0, lo[2] - i0 : hi[2] - i0] > 0

@@ -128,6 +128,15 @@ def severity_table(scene, severity, name: str):
     return _table(scene, title, SEVERITY_COLUMNS, rows, attributes, description)
 
 
+#: How the panel names the rule-based reading's labels.
+READING_NAMES = {
+    "covid19_typical": "COVID-19-typical findings",
+    "cap_typical": "CAP-typical findings",
+    "indeterminate": "indeterminate findings",
+    "no_lesions": "no lesions",
+}
+
+
 def findings_rows(findings) -> List[Tuple[str, Optional[float], str, str]]:
     rows = []
     for name, value, unit, definition in findings.rows():
@@ -135,14 +144,35 @@ def findings_rows(findings) -> List[Tuple[str, Optional[float], str, str]]:
     return rows
 
 
-def write_findings_table(scene, findings, name: str, table_node=None):
-    """Fill (or create) a findings table: one row per metric with unit and definition."""
+def write_findings_table(scene, findings, name: str, table_node=None, reading=None):
+    """Fill (or create) a findings table: one row per metric with unit and definition.
+
+    The rule-based reading (``findings.reading.Reading``) rides along as an attribute and in the
+    table's description, so the panel shows it next to the neural classification.
+    """
     rows = findings_rows(findings)  # evaluated before touching the scene
+    reading_dict = reading.to_dict() if reading is not None else None
     if table_node is None:
         table_node = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
     fill_table(table_node, FINDINGS_COLUMNS, rows)
     table_node.SetAttribute(ATTRIBUTE_PREFIX + "findings", json.dumps(json_safe(findings.to_dict())))
+    table_node.SetAttribute(ATTRIBUTE_PREFIX + "reading", json.dumps(reading_dict))
+    if reading_dict is not None:
+        table_node.SetDescription("Rule-based reading: " + reading_text(reading_dict))
     return table_node
+
+
+def reading_text(reading: Mapping[str, Any]) -> str:
+    """One line for a rule-based reading: its label, then the votes behind it."""
+    label = READING_NAMES.get(reading["label"], reading["label"])
+    reasons = "; ".join(reading.get("reasons") or [])
+    return f"{label} — {reasons}" if reasons else label
+
+
+def reading_from_table(table_node) -> Optional[Dict[str, Any]]:
+    """The rule-based reading stored on a findings table, or None."""
+    text = table_node.GetAttribute(ATTRIBUTE_PREFIX + "reading") if table_node is not None else None
+    return json.loads(text) if text else None
 
 
 def findings_from_table(table_node) -> Dict[str, Any]:

@@ -286,7 +286,7 @@ class Anatomy:
             _paint_tube_slice(sl, self.grid, z, a, b, r, lab, only=_SOFT)
         for a, b, r, w in AIRWAY_TUBES:
             _paint_tube_slice(sl, self.grid, z, a, b, r + w, AIRWAY_WALL, only=_SOFT + [BLOOD])
-        for a, b, r, w in AIRWAY_TUBES:
+        for a, b, r, _wall in AIRWAY_TUBES:
             _paint_tube_slice(sl, self.grid, z, a, b, r, AIRWAY)
         # Large vessels at the hila are not lung (as in the reference lung masks).
         for a, b, r in self.hilar_vessels:

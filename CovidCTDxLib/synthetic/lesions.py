@@ -3,7 +3,7 @@
 Shared by the synthetic phantom (``phantom.make_phantom``) and by lesion insertion into a
 real CT (``phantom.insert_lesions``), so both produce the same kinds of lesions.
 
-What the lesions follow (DeepSC-COVID findings, MODELS.md):
+What the lesions follow (DeepSC-COVID findings, Wang et al., IEEE TMI 2021):
 - COVID-19: several (~4+) lesions, bilateral, peripheral/subpleural, predominantly in the
   lower lobes (inferior and posterior), mostly ground glass (-750..-300 HU) with some
   crazy-paving (ground glass + reticular septal lines) and consolidation.

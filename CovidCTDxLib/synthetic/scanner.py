@@ -49,7 +49,7 @@ def _psf_inplane(block: np.ndarray, sigma: Sequence[float]) -> np.ndarray:
         e = np.exp(-1.0 / (2.0 * s * s))
         w = np.float32(e / (1.0 + 2.0 * e))
 
-        def at(sl: slice) -> tuple:
+        def at(sl: slice, axis: int = axis) -> tuple:
             idx = [slice(None)] * 3
             idx[axis] = sl
             return tuple(idx)

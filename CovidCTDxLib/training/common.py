@@ -8,8 +8,10 @@ Distributed training follows ``torchrun`` conventions: when ``WORLD_SIZE`` > 1 i
 environment, :func:`setup_distributed` joins the process group (NCCL on GPUs, gloo on CPU);
 otherwise everything runs in one process, which is the default.
 """
+
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -22,6 +24,8 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Union
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from ..evaluation.scan_metrics import binary_auc
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +85,21 @@ class DistContext:
     def cleanup(self) -> None:
         if self.distributed and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, default_out: Path) -> argparse._ArgumentGroup:
+    """The run options every trainer shares, with one name each: output folder, resume, seed,
+    device, threads and the wall-time limit (``--time-limit-min``)."""
+    run = parser.add_argument_group("run")
+    run.add_argument("-o", "--out", type=Path, default=default_out, help="output folder: checkpoints, metrics.jsonl, weights")
+    run.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in --out")
+    run.add_argument(
+        "--time-limit-min", type=float, default=None, help="stop after this much training wall time (minutes; weights are still saved)"
+    )
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    run.add_argument("--threads", type=int, default=None)
+    return run
 
 
 def setup_distributed(device: Optional[str] = None, threads: Optional[int] = None) -> DistContext:
@@ -219,7 +238,9 @@ class MetricLogger:
             if self.path is not None:
                 with open(self.path, "a") as f:
                     f.write(json.dumps(row) + "\n")
-            brief = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items() if not isinstance(v, (list, dict)))
+            brief = " ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items() if not isinstance(v, (list, dict))
+            )
             log.info("%s", brief)
         return row
 
@@ -235,22 +256,6 @@ def _jsonable(v: Any) -> Any:
 
 
 # ============================================================================ metrics
-def dice_score(pred: np.ndarray, target: np.ndarray, mask: Optional[np.ndarray] = None, empty: float = 1.0) -> float:
-    """Dice of two boolean arrays, optionally restricted to ``mask``.
-
-    ``empty`` is returned when both are empty (a correct "no lesion" answer scores 1).
-    """
-    p = np.asarray(pred, bool)
-    t = np.asarray(target, bool)
-    if mask is not None:
-        m = np.asarray(mask, bool)
-        p, t = p & m, t & m
-    denom = int(p.sum()) + int(t.sum())
-    if denom == 0:
-        return float(empty)
-    return 2.0 * int((p & t).sum()) / denom
-
-
 def confusion_matrix(y_true: Sequence[int], y_pred: Sequence[int], n_classes: int) -> np.ndarray:
     """``cm[i, j]`` = number of samples of true class i predicted as j."""
     cm = np.zeros((n_classes, n_classes), dtype=np.int64)
@@ -275,19 +280,6 @@ def macro_f1(y_true: Sequence[int], y_pred: Sequence[int], n_classes: int) -> fl
             continue
         f1s.append(2 * tp / (2 * tp + fp + fn))
     return float(np.mean(f1s)) if f1s else float("nan")
-
-
-def binary_auc(y_true: Sequence[int], score: Sequence[float]) -> float:
-    """ROC AUC via the Mann–Whitney U statistic (ties count half); NaN if one class only."""
-    from scipy.stats import rankdata
-
-    t = np.asarray(y_true).astype(bool)
-    s = np.asarray(score, dtype=float)
-    n_pos, n_neg = int(t.sum()), int((~t).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    ranks = rankdata(s)
-    return float((ranks[t].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def roc_auc(y_true: Sequence[int], probabilities: np.ndarray) -> float:

@@ -17,6 +17,7 @@ grid with :func:`inference.prepare_scan` (exactly what inference does) and kept 
 patches are then cheap crops. Sampling follows the paper: 60 % of patches are centred on a
 lesion voxel and must hold ≥ 1 % lesion voxels, the rest are drawn uniformly.
 """
+
 from __future__ import annotations
 
 import csv
@@ -125,9 +126,9 @@ def csv_layout(csv_path: Path) -> List[CaseRecord]:
         for row in csv.DictReader(f):
             if "path" not in row or "label" not in row:
                 raise InputError(f"{csv_path.name} needs columns 'path' and 'label'.")
-            opt = lambda k: (base / row[k]) if row.get(k) else None  # noqa: E731
             img = base / row["path"]
-            records.append(CaseRecord(_stem(img), label_index(row["label"]), img, opt("lesion"), opt("lungs")))
+            lesion, lungs = ((base / row[k]) if row.get(k) else None for k in ("lesion", "lungs"))
+            records.append(CaseRecord(_stem(img), label_index(row["label"]), img, lesion, lungs))
     return records
 
 
@@ -220,7 +221,9 @@ def load_record(record: CaseRecord, config: DeepSCConfig, lung_fn: Optional[Call
     return prepare_case(record.name, record.label, ct, lung, lesion, config)
 
 
-def phantom_case(kind: str, severity: Optional[str], seed: int, config: DeepSCConfig, shape=(64, 160, 160), spacing=(2.2, 2.2, 4.0)) -> PreparedCase:
+def phantom_case(
+    kind: str, severity: Optional[str], seed: int, config: DeepSCConfig, shape=(64, 160, 160), spacing=(2.2, 2.2, 4.0)
+) -> PreparedCase:
     """A synthetic phantom as a prepared case (uses the phantom's true lungs)."""
     from ..synthetic.phantom import KIND_LABELS, make_phantom
 

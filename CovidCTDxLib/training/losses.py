@@ -1,6 +1,6 @@
 """DeepSC-COVID losses: segmentation, classification and the task-aware coupling.
 
-Weights follow MODELS.md (the authors' code, which the paper's equations leave open):
+Weights follow the DeepSC-COVID paper and, where its equations leave them open, the authors' code:
 
 - segmentation: soft Dice on the lesion probability *inside the lung* + 2 × cross-entropy
   weighted (background 0.1, lesion 1.0);
@@ -11,6 +11,7 @@ Weights follow MODELS.md (the authors' code, which the paper's equations leave o
   the patch. Upstream adds it after ``backward()`` so it never trains; here it is part of
   the graph and its gradient reaches both the lesion subnet and the classifier.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -72,7 +73,11 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, w
 
 
 def classification_loss(
-    cls_logits: torch.Tensor, target: torch.Tensor, class_weights: Optional[torch.Tensor] = None, focal_weight: float = 2.0, gamma: float = 2.0
+    cls_logits: torch.Tensor,
+    target: torch.Tensor,
+    class_weights: Optional[torch.Tensor] = None,
+    focal_weight: float = 2.0,
+    gamma: float = 2.0,
 ) -> torch.Tensor:
     """CE + ``focal_weight`` × focal, both weighted by ``class_weights``."""
     w = class_weights.to(cls_logits) if class_weights is not None else None
@@ -122,7 +127,7 @@ def deepsc_loss(
     label: torch.Tensor,
     box: torch.Tensor,
     class_weights: Optional[torch.Tensor] = None,
-    weights: DeepSCLossWeights = DeepSCLossWeights(),
+    weights: Optional[DeepSCLossWeights] = None,
     seg_valid: Optional[torch.Tensor] = None,
     seg_class_weights: Sequence[float] = (0.1, 1.0),
 ) -> Dict[str, torch.Tensor]:
@@ -131,6 +136,7 @@ def deepsc_loss(
     ``seg_valid`` (N,) marks samples whose scan has lesion labels; the others (e.g. a
     COVID scan without a ``segment_label`` file) train classification only.
     """
+    weights = weights or DeepSCLossWeights()
     terms: Dict[str, torch.Tensor] = {}
     total = out.cls_logits.new_zeros(())
     keep = None if seg_valid is None else seg_valid > 0.5

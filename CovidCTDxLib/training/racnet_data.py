@@ -22,6 +22,7 @@ Sources:
   volume ratio with ``phantom.severity_from_lvr`` (the product's definition), the lung mask
   is the phantom's ground truth.
 """
+
 from __future__ import annotations
 
 import csv
@@ -155,7 +156,11 @@ def read_jpg_scan(folder: Path, size: int) -> np.ndarray:
 
 
 def load_cov19_ct_db(
-    root: Path, split: str, severity_csv: Optional[Path] = None, size: int = 128, domain: int = 0,
+    root: Path,
+    split: str,
+    severity_csv: Optional[Path] = None,
+    size: int = 128,
+    domain: int = 0,
     max_scans: Optional[int] = None,
 ) -> List[ScanItem]:
     """Scans of one split (``train`` or ``validation``) of a COV19-CT-DB tree."""
@@ -169,7 +174,11 @@ def load_cov19_ct_db(
         for scan in sorted((p for p in d.iterdir() if p.is_dir()), key=_numeric_key):
             if max_scans is not None and len(items) >= max_scans:
                 break
-            items.append(ScanItem(read_jpg_scan(scan, size), covid, sev.get(scan.name, -1) if covid else -1, domain, f"{split}/{cls_dir}/{scan.name}"))
+            items.append(
+                ScanItem(
+                    read_jpg_scan(scan, size), covid, sev.get(scan.name, -1) if covid else -1, domain, f"{split}/{cls_dir}/{scan.name}"
+                )
+            )
     log.info("COV19-CT-DB %s: %d scans (%d COVID)", split, len(items), sum(i.covid for i in items))
     return items
 
@@ -199,8 +208,9 @@ def load_csv_scans(csv_path: Path, prep: SlicePrep, domain: int = 0) -> List[Sca
             lungs = _lungs_from_labelmap(csv_path.parent / row["lungs"], ct) if row.get("lungs") else segment_lungs(ct)
             stack, _ = prepare_scan(ct, lungs, prep)
             covid = parse_covid_label(row["label"])
-            items.append(ScanItem(stack, covid, parse_severity(row.get("severity")) if covid else -1,
-                                  int(row.get("domain") or domain), row["path"]))
+            items.append(
+                ScanItem(stack, covid, parse_severity(row.get("severity")) if covid else -1, int(row.get("domain") or domain), row["path"])
+            )
     log.info("%s: %d scans", csv_path.name, len(items))
     return items
 
@@ -208,7 +218,12 @@ def load_csv_scans(csv_path: Path, prep: SlicePrep, domain: int = 0) -> List[Sca
 # ---------------------------------------------------------------------------- phantoms
 #: Phantom mix per block of six: four COVID severities, then CAP and normal (non-COVID).
 PHANTOM_CYCLE: Tuple[Tuple[str, Optional[str]], ...] = (
-    ("covid", "mild"), ("covid", "moderate"), ("covid", "severe"), ("covid", "critical"), ("cap", None), ("normal", None),
+    ("covid", "mild"),
+    ("covid", "moderate"),
+    ("covid", "severe"),
+    ("covid", "critical"),
+    ("cap", None),
+    ("normal", None),
 )
 PHANTOM_SHAPE = (48, 112, 112)
 PHANTOM_SPACING = (3.2, 3.2, 6.0)
@@ -243,14 +258,20 @@ def _phantom_code_digest() -> str:
 
 
 def _cache_path(cache_dir: Path, index: int, seed: int, prep: SlicePrep, shape, spacing) -> Path:
-    key = json.dumps([index % len(PHANTOM_CYCLE), seed, prep.to_dict(), list(shape), list(spacing), _phantom_code_digest()],
-                     sort_keys=True)
+    key = json.dumps([index % len(PHANTOM_CYCLE), seed, prep.to_dict(), list(shape), list(spacing), _phantom_code_digest()], sort_keys=True)
     return Path(cache_dir) / f"phantom_{seed}_{hashlib.sha1(key.encode()).hexdigest()[:12]}.npz"
 
 
 def make_phantom_items(
-    n: int, seed: int, prep: SlicePrep, shape=None, spacing=None,
-    rank: int = 0, world: int = 1, progress_every: int = 20, cache_dir: Optional[Path] = None,
+    n: int,
+    seed: int,
+    prep: SlicePrep,
+    shape=None,
+    spacing=None,
+    rank: int = 0,
+    world: int = 1,
+    progress_every: int = 20,
+    cache_dir: Optional[Path] = None,
 ) -> List[ScanItem]:
     """``n`` phantoms with seeds ``seed, seed+1, …`` (this rank's share when distributed).
 
@@ -262,7 +283,9 @@ def make_phantom_items(
     """
     items = []
     for i in range(rank, n, world):
-        g_shape, g_spacing = (shape, spacing) if shape is not None else PHANTOM_GEOMETRIES[(i // len(PHANTOM_CYCLE)) % len(PHANTOM_GEOMETRIES)]
+        g_shape, g_spacing = (
+            (shape, spacing) if shape is not None else PHANTOM_GEOMETRIES[(i // len(PHANTOM_CYCLE)) % len(PHANTOM_GEOMETRIES)]
+        )
         g_spacing = g_spacing if g_spacing is not None else PHANTOM_SPACING
         path = _cache_path(cache_dir, i, seed + i, prep, g_shape, g_spacing) if cache_dir else None
         if path is not None and path.exists():

@@ -11,6 +11,7 @@ confusion matrix, appended to ``metrics.jsonl``. At the end: ``deepsc.safetensor
 model card. Under ``torchrun --nproc_per_node N`` the same command trains with
 DistributedDataParallel (gloo on CPU, NCCL on GPUs); rank 0 validates and writes files.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,6 +29,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from .. import __version__
 from ..deepsc.inference import infer_prepared
+from ..evaluation import scan_metrics
 from ..models.deepsc import ARCHITECTURE, ARCHITECTURE_VERSION, DeepSCConfig, DeepSCCovid, DeepSCOutputs
 from ..result import CLASS_KEYS
 from ..weights import ModelCard, save_weights
@@ -86,7 +88,7 @@ def validate(model: DeepSCCovid, cases: Sequence[PreparedCase], window_scale: fl
         for case in cases:
             prob, cls, _, _ = infer_prepared(model, case.scan, window_scale=window_scale)
             if case.has_lesion_labels:
-                dices.append(common.dice_score((prob >= 0.5).numpy(), case.lesion.numpy(), case.scan.lung.numpy()))
+                dices.append(scan_metrics.dice((prob >= 0.5).numpy(), case.lesion.numpy(), case.scan.lung.numpy()))
             probs.append(cls)
             labels.append(case.label)
     metrics = common.classification_metrics(labels, np.asarray(probs), CLASS_KEYS)
@@ -121,7 +123,13 @@ def train(
     ddp_model = ctx.wrap(model)
     dataset = PatchDataset(train_cases, config, options.patches_per_case, options.lesion_fraction, options.seed)
     sampler = DistributedSampler(dataset, ctx.world_size, ctx.rank, shuffle=True, seed=options.seed) if ctx.distributed else None
-    loader = DataLoader(dataset, batch_size=options.batch_size, shuffle=sampler is None, sampler=sampler, drop_last=len(dataset) >= options.batch_size * ctx.world_size)
+    loader = DataLoader(
+        dataset,
+        batch_size=options.batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        drop_last=len(dataset) >= options.batch_size * ctx.world_size,
+    )
     class_weights = inverse_frequency_weights([c.label for c in train_cases], config.num_classes).to(ctx.device)
     total_epochs = options.epochs_stage1 + options.epochs_stage2
     logger = common.MetricLogger(out / "metrics.jsonl", enabled=ctx.is_main)
@@ -147,7 +155,9 @@ def train(
         else:
             common.load_checkpoint(ckpt, model, optimizer, scheduler, map_location=ctx.device)
         start_epoch = done
-        logger.history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] if (out / "metrics.jsonl").exists() else []
+        logger.history = (
+            [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] if (out / "metrics.jsonl").exists() else []
+        )
         log.info("resumed from %s after epoch %d (stage %d)", ckpt, done, stage)
 
     stopped_early = False
@@ -174,9 +184,19 @@ def train(
             with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=options.bf16):
                 outs = ddp_model(batch["patch"], batch["slices"], batch["box"])
             if options.bf16:  # losses in float32
-                outs = DeepSCOutputs(outs.seg_logits.float(), [o.float() for o in outs.deep_logits], outs.cls_logits.float(), [c.float() for c in outs.cams])
+                outs = DeepSCOutputs(
+                    outs.seg_logits.float(), [o.float() for o in outs.deep_logits], outs.cls_logits.float(), [c.float() for c in outs.cams]
+                )
             terms = deepsc_loss(
-                outs, batch["lesion"], batch["lung"], batch["label"], batch["box"], class_weights, weights, batch["seg_valid"], config.seg_class_weights
+                outs,
+                batch["lesion"],
+                batch["lung"],
+                batch["label"],
+                batch["box"],
+                class_weights,
+                weights,
+                batch["seg_valid"],
+                config.seg_class_weights,
             )
             optimizer.zero_grad(set_to_none=True)
             terms["total"].backward()
@@ -207,20 +227,25 @@ def train(
         final = next((r for r in reversed(logger.history) if "accuracy" in r), {})
         metrics = {k: final[k] for k in ("dice", "accuracy", "auc", "macro_f1", "confusion_matrix") if k in final}
         metrics.update({"epochs": len(logger.history), "train_wall_s": round(wall, 1)})
-        card = ModelCard(
-            architecture=ARCHITECTURE,
-            architecture_version=ARCHITECTURE_VERSION,
-            config=config.to_dict(),
-            training_data=options.training_data,
-            synthetic=options.synthetic,
-            metrics=metrics,
-            project_version=__version__,
-            notes=options.notes,
-        )
+        card = model_card(config, options.training_data, options.synthetic, metrics, options.notes)
         weights_path = out / WEIGHTS
         save_weights(weights_path, model.state_dict(), card)
     ctx.barrier()
     return TrainResult(weights_path, logger.history, wall, stopped_early)
+
+
+def model_card(config: DeepSCConfig, training_data: str, synthetic: bool, metrics: Dict[str, Any], notes: str = "") -> ModelCard:
+    """The one place a DeepSC-COVID model card is built (trainer and demo-weights tool)."""
+    return ModelCard(
+        architecture=ARCHITECTURE,
+        architecture_version=ARCHITECTURE_VERSION,
+        config=config.to_dict(),
+        training_data=training_data,
+        synthetic=synthetic,
+        metrics=metrics,
+        project_version=__version__,
+        notes=notes,
+    )
 
 
 # ============================================================================ CLI
@@ -232,11 +257,17 @@ def _triple(text: str, cast=float):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="covidctdx train deepsc", description="Train DeepSC-COVID (two-stage schedule, resumable, DDP under torchrun).")
+    p = argparse.ArgumentParser(
+        prog="covidctdx train deepsc", description="Train DeepSC-COVID (two-stage schedule, resumable, DDP under torchrun)."
+    )
     src = p.add_argument_group("data")
-    src.add_argument("--data", type=Path, action="append", default=[], help="dataset folder (DeepSC-COVID or MosMedData layout) or CSV; repeatable")
+    src.add_argument(
+        "--data", type=Path, action="append", default=[], help="dataset folder (DeepSC-COVID or MosMedData layout) or CSV; repeatable"
+    )
     src.add_argument("--layout", default="auto", choices=["auto", "deepsc", "mosmed", "csv"])
-    src.add_argument("--val-data", type=Path, action="append", default=[], help="validation set (same formats); default: split off --val-fraction")
+    src.add_argument(
+        "--val-data", type=Path, action="append", default=[], help="validation set (same formats); default: split off --val-fraction"
+    )
     src.add_argument("--val-fraction", type=float, default=0.2)
     src.add_argument("--phantoms", type=int, default=0, help="add N synthetic phantoms (covid/cap/normal in turn) to the training data")
     src.add_argument("--training-data", default=None, help="description stored in the model card")
@@ -254,14 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     sch.add_argument("--lr-stage2", type=float, default=1e-4)
     sch.add_argument("--batch-size", type=int, default=2)
     sch.add_argument("--patches-per-case", type=int, default=4)
-    sch.add_argument("--max-minutes", type=float, default=None, help="stop (and still save weights) after this wall time")
     sch.add_argument("--bf16", action="store_true", help="bfloat16 autocast (fast on CPUs with AMX / GPUs)")
-    run_ = p.add_argument_group("run")
-    run_.add_argument("-o", "--out", type=Path, default=Path("deepsc_run"), help="output folder (checkpoints, metrics.jsonl, deepsc.safetensors)")
-    run_.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in --out")
-    run_.add_argument("--seed", type=int, default=0)
-    run_.add_argument("--device", choices=["cpu", "cuda"], default=None)
-    run_.add_argument("--threads", type=int, default=None)
+    common.add_run_arguments(p, Path("deepsc_run"))
     return p
 
 
@@ -272,7 +297,13 @@ def config_from_args(args: argparse.Namespace) -> DeepSCConfig:
         cfg = DeepSCConfig.paper().to_dict()
     else:
         cfg = json.loads(Path(args.config).read_text())
-    for key, attr in (("width", "width"), ("patch_size", "patch"), ("cls_slices", "cls_slices"), ("cls_size", "cls_size"), ("spacing", "spacing")):
+    for key, attr in (
+        ("width", "width"),
+        ("patch_size", "patch"),
+        ("cls_slices", "cls_slices"),
+        ("cls_size", "cls_size"),
+        ("spacing", "spacing"),
+    ):
         v = getattr(args, attr, None)
         if v is not None:
             cfg[key] = v
@@ -280,7 +311,15 @@ def config_from_args(args: argparse.Namespace) -> DeepSCConfig:
 
 
 def _phantom_specs(n: int, seed: int):
-    kinds = [("covid", "moderate"), ("cap", "mild"), ("normal", None), ("covid", "severe"), ("cap", "moderate"), ("normal", None), ("covid", "mild")]
+    kinds = [
+        ("covid", "moderate"),
+        ("cap", "mild"),
+        ("normal", None),
+        ("covid", "severe"),
+        ("cap", "moderate"),
+        ("normal", None),
+        ("covid", "mild"),
+    ]
     return [(kinds[i % len(kinds)][0], kinds[i % len(kinds)][1], seed * 1000 + i) for i in range(n)]
 
 
@@ -305,7 +344,9 @@ def run(args: argparse.Namespace) -> int:
         train_cases += [phantom_case(k, s, sd, config) for k, s, sd in _phantom_specs(args.phantoms, args.seed)]
         if not val_cases:
             val_cases = [phantom_case(k, s, sd, config) for k, s, sd in _phantom_specs(3, args.seed + 1)]
-    desc = args.training_data or ("synthetic phantoms" if not records else f"{len(records)} scans from {', '.join(str(d) for d in args.data)}")
+    desc = args.training_data or (
+        "synthetic phantoms" if not records else f"{len(records)} scans from {', '.join(str(d) for d in args.data)}"
+    )
     options = TrainOptions(
         epochs_stage1=args.epochs_stage1,
         epochs_stage2=args.epochs_stage2,
@@ -314,7 +355,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         patches_per_case=args.patches_per_case,
         seed=args.seed,
-        max_minutes=args.max_minutes,
+        max_minutes=args.time_limit_min,
         bf16=args.bf16,
         out_dir=args.out,
         resume=not args.no_resume,

@@ -41,6 +41,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from ..evaluation import scan_metrics
 from ..models.racnet import ARCHITECTURE, ARCHITECTURE_VERSION, RACNet, RACNetConfig, racnet_losses
 from ..racnet.anchors import INPUT_PREFIX, compute_anchors
 from ..racnet.inference import SlicePrep, model_card_config, save_racnet_weights
@@ -86,15 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--weight-decay", type=float, default=1e-4)
     t.add_argument("--coral-weight", type=float, default=0.1)
     t.add_argument("--severity-weight", type=float, default=1.0)
-    t.add_argument("--time-limit-min", type=float, default=0.0, help="stop after this much training wall time (0 = none)")
     t.add_argument("--anchors-k", type=int, default=3, help="k-means centres per class")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--device", default=None)
-    t.add_argument("--threads", type=int, default=None)
-    o = p.add_argument_group("output")
-    o.add_argument("--out", type=Path, default=Path("runs/racnet"), help="checkpoints and metrics.jsonl")
+    o = common.add_run_arguments(p, Path("runs/racnet"))
     o.add_argument("--weights-out", type=Path, default=None, help="final weights (default OUT/racnet.safetensors)")
-    o.add_argument("--no-resume", action="store_true")
     o.add_argument("--training-data", default=None, help="text for the model card (default: from --data)")
     return p
 
@@ -186,7 +181,7 @@ def evaluate(covid_true: np.ndarray, severity_true: np.ndarray, covid_prob: np.n
         "covid_accuracy": common.accuracy(covid_true, cp),
         "covid_macro_f1": common.macro_f1(covid_true, cp, 2),
         "covid_recall": dict(zip(("non_covid", "covid"), _recall(covid_true, cp, 2))),
-        "covid_auc": common.binary_auc(covid_true, covid_prob),
+        "covid_auc": scan_metrics.binary_auc(covid_true, covid_prob),
         "severity_n": int(has.sum()),
     }
     if has.any():
@@ -267,7 +262,7 @@ def _run(args: argparse.Namespace, ctx: common.DistContext) -> int:
     if ctx.distributed:
         n_local = int(min(ctx.all_gather_array(np.asarray([n_local]))))
     steps = max(1, n_local // args.batch_size)
-    limit_s = args.time_limit_min * 60.0
+    limit_s = (args.time_limit_min or 0.0) * 60.0  # 0: no limit
     epoch = start_epoch - 1
     for epoch in range(start_epoch, args.epochs + 1):
         t0 = time.perf_counter()
