@@ -244,7 +244,9 @@ def _run_deepsc(result: Result, options: PipelineOptions, step: Progress, timer:
         output = run_deepsc(result.ct, result.lungs, weights, progress=step.sub(0.05, 1.0))
     probabilities = output.probabilities
     label = max(probabilities, key=probabilities.get)
-    result.classification = Classification(label=label, probabilities=probabilities, provenance=output.provenance)
+    result.classification = Classification(label=label, probabilities=probabilities, provenance=output.provenance,
+                                           out_of_distribution=output.out_of_distribution,
+                                           ood_distance=output.ood_distance, ood_threshold=output.ood_threshold)
     result.lesion_probability = output.lesion_probability
     result.evidence = output.evidence
     result.deepsc_lesion = output.lesion_mask

@@ -17,6 +17,16 @@ from .volume import CTVolume
 CLASS_KEYS = ("covid19", "cap", "non_pneumonia")
 CLASS_NAMES = {"covid19": "COVID-19", "cap": "Community-acquired pneumonia", "non_pneumonia": "Non-pneumonia"}
 SEVERITY_KEYS = ("mild", "moderate", "severe", "critical")
+#: Severity label when the scan is not called COVID-19: a grade of a disease the model does not
+#: see would be a finding invented for a normal or CAP scan.
+SEVERITY_NOT_APPLICABLE = "not_applicable"
+#: RACNet's own COVID-19 probability from which a severity grade is reported. 0.5 is where its
+#: two-class head calls COVID-19 (argmax), so a grade is shown exactly when that head says
+#: COVID-19; it is a decision rule, not a tuned number, and holds for any weights.
+SEVERITY_MIN_COVID_PROBABILITY = 0.5
+#: What every front door shows first when a model's input is out of distribution; the model's
+#: label follows only as a secondary detail.
+NOT_ASSESSABLE = "not assessable (out of distribution)"
 
 NOT_FOR_DIAGNOSIS = "synthetic training data — not for diagnosis"
 #: The pipeline's stages, in run order: the one list the CLI, the worker and the Slicer module use.
@@ -96,25 +106,42 @@ class Provenance:
 
 @dataclass
 class Classification:
-    """Scan-level 3-class output of DeepSC-COVID."""
+    """Scan-level 3-class output of DeepSC-COVID, with its out-of-distribution check.
+
+    ``out_of_distribution`` is None when the weights carry no feature statistics (the check
+    was not made), else whether ``ood_distance`` (Mahalanobis distance of the pooled
+    classification features to the nearest class mean, ``deepsc/ood.py``) exceeds
+    ``ood_threshold``.
+    """
 
     label: str  # one of CLASS_KEYS
     probabilities: Dict[str, float]
     provenance: Provenance
+    out_of_distribution: Optional[bool] = None
+    ood_distance: Optional[float] = None
+    ood_threshold: Optional[float] = None
 
     def to_dict(self) -> Dict[str, Any]:
         return {
             "label": self.label,
             "probabilities": dict(self.probabilities),
+            "out_of_distribution": self.out_of_distribution,
+            "ood_distance": self.ood_distance,
+            "ood_threshold": self.ood_threshold,
             "weights": self.provenance.to_dict(),
         }
 
 
 @dataclass
 class Severity:
-    """Scan-level RACNet output: COVID detection, severity, anchors and OOD flag."""
+    """Scan-level RACNet output: COVID detection, severity, anchors and OOD flag.
 
-    label: str  # one of SEVERITY_KEYS
+    ``label`` is a grade only when ``covid_probability`` ≥ SEVERITY_MIN_COVID_PROBABILITY,
+    else SEVERITY_NOT_APPLICABLE; ``probabilities`` are always the grade head's output (the
+    grade it would give if the scan were COVID-19), for scripts that want them.
+    """
+
+    label: str  # one of SEVERITY_KEYS, or SEVERITY_NOT_APPLICABLE
     probabilities: Dict[str, float]
     covid_probability: float
     anchors: List[Dict[str, Any]]  # nearest anchors: {"class":..., "index":..., "distance":...}

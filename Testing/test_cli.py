@@ -15,7 +15,13 @@ from CovidCTDxLib.io.readers import read_ct
 from CovidCTDxLib.io.segmentation_file import read_segmentation, write_segmentation, write_volume
 from CovidCTDxLib.pipeline import PipelineOptions, run_pipeline
 from CovidCTDxLib.progress import CancelToken
-from CovidCTDxLib.result import CLASS_KEYS, NOT_FOR_DIAGNOSIS, SEVERITY_KEYS
+from CovidCTDxLib.result import (
+    CLASS_KEYS,
+    NOT_FOR_DIAGNOSIS,
+    SEVERITY_KEYS,
+    SEVERITY_MIN_COVID_PROBABILITY,
+    SEVERITY_NOT_APPLICABLE,
+)
 from CovidCTDxLib.synthetic.phantom import make_phantom
 
 SMALL = dict(shape=(72, 160, 160), spacing=(2.2, 2.2, 4.0))
@@ -55,8 +61,13 @@ def test_results_json_follows_the_contract(full_run):
     assert set(cls["probabilities"]) == set(CLASS_KEYS)
     assert sum(cls["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
     assert cls["label"] in CLASS_KEYS
+    assert isinstance(cls["out_of_distribution"], bool) and cls["ood_distance"] >= 0 and cls["ood_threshold"] > 0
+    assert cls["out_of_distribution"] == (cls["ood_distance"] > cls["ood_threshold"])
     sev = r["severity"]
-    assert sev["label"] in SEVERITY_KEYS and set(sev["probabilities"]) == set(SEVERITY_KEYS)
+    assert set(sev["probabilities"]) == set(SEVERITY_KEYS)
+    # A grade only where RACNet calls the scan COVID-19 (issue 19), else "not_applicable".
+    assert sev["label"] == (max(sev["probabilities"], key=sev["probabilities"].get)
+                            if sev["covid_probability"] >= SEVERITY_MIN_COVID_PROBABILITY else SEVERITY_NOT_APPLICABLE)
     for key in ("lesion_count", "lesion_volume_ml", "lesion_volume_ratio_percent", "peripheral_lesion_ratio_percent", "ct_severity_score"):
         assert r["findings"][key] is not None, key
     for model in ("deepsc", "racnet"):

@@ -26,7 +26,7 @@ from CovidCTDxLib.racnet.inference import (
     run_racnet,
     save_racnet_weights,
 )
-from CovidCTDxLib.result import SEVERITY_KEYS, LungMasks
+from CovidCTDxLib.result import SEVERITY_KEYS, SEVERITY_MIN_COVID_PROBABILITY, SEVERITY_NOT_APPLICABLE, LungMasks
 from CovidCTDxLib.weights import ModelCard, load_weights
 
 REPO = Path(__file__).resolve().parents[1]
@@ -280,16 +280,34 @@ def test_demo_weights_on_held_out_phantoms(demo):
         ph = make_phantom(kind=kind, severity=sev, shape=geo[0], spacing=geo[1], seed=900_000 + i)
         lungs = LungMasks(ph.right_lung, ph.left_lung, ph.airways, np.zeros(ph.ct.shape, bool))
         s = run_racnet(ph.ct, lungs, w, bundle=bundle)
-        assert abs(sum(s.probabilities.values()) - 1) < 1e-4 and s.label in SEVERITY_KEYS
+        assert abs(sum(s.probabilities.values()) - 1) < 1e-4
+        grade = max(s.probabilities, key=s.probabilities.get)
+        assert s.label == (grade if s.covid_probability >= SEVERITY_MIN_COVID_PROBABILITY else SEVERITY_NOT_APPLICABLE)
         covid_t.append(int(ph.label == "covid19"))
         covid_p.append(int(s.covid_probability >= 0.5))
         ood.append(s.out_of_distribution)
         if kind == "covid":
             sev_t.append(SEVERITY_KEYS.index(severity_from_lvr(ph.lvr_percent)))
-            sev_p.append(SEVERITY_KEYS.index(s.label))
+            sev_p.append(SEVERITY_KEYS.index(grade))  # the grade head, scored even where the label is withheld
     assert accuracy(covid_t, covid_p) >= 0.9
     assert macro_f1(sev_t, sev_p, 4) >= 0.7
     assert np.mean(ood) <= 0.2, "held-out phantoms come from the training distribution"
+
+
+def test_severity_is_not_applicable_unless_racnet_calls_covid(demo):
+    """Through the product path (CLI default phantom grid, the pipeline's lung masks): a normal
+    phantom gets no severity grade, a severe COVID-19 phantom gets one."""
+    from CovidCTDxLib.lungs.engine import segment_lungs
+    from CovidCTDxLib.synthetic.phantom import make_phantom
+
+    w, bundle = demo
+    normal = make_phantom("normal", None, seed=5)
+    s = run_racnet(normal.ct, segment_lungs(normal.ct), w, bundle=bundle)
+    assert s.covid_probability < SEVERITY_MIN_COVID_PROBABILITY and s.label == SEVERITY_NOT_APPLICABLE
+    assert s.to_dict()["label"] == SEVERITY_NOT_APPLICABLE
+    covid = make_phantom("covid", "severe", seed=5)
+    s = run_racnet(covid.ct, segment_lungs(covid.ct), w, bundle=bundle)
+    assert s.covid_probability >= SEVERITY_MIN_COVID_PROBABILITY and s.label in SEVERITY_KEYS
 
 
 def test_noise_is_out_of_distribution(demo):

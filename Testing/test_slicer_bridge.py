@@ -24,8 +24,10 @@ vtk = pytest.importorskip("vtk")
 from CovidCTDxLib.errors import CovidCTDxError, GeometryError, InputError  # noqa: E402
 from CovidCTDxLib.result import (  # noqa: E402
     CLASS_KEYS,
+    NOT_ASSESSABLE,
     NOT_FOR_DIAGNOSIS,
     SEVERITY_KEYS,
+    SEVERITY_NOT_APPLICABLE,
     Classification,
     LesionMasks,
     LungMasks,
@@ -594,6 +596,37 @@ def test_panel_summary_shows_the_rule_based_reading_after_an_edit(scene):
     assert "one lung only" in text["reading"]
     assert text["classification"].startswith("COVID-19")
     assert "lesions 1" in text["metrics"]
+
+
+def test_out_of_distribution_and_not_applicable_lead_the_tables_and_the_panel(scene):
+    """An OOD classification reads "not assessable" before its class in the table and the
+    panel; a severity of a scan RACNet does not call COVID-19 shows no grade at all."""
+    ct = make_ct(np.eye(3))
+    volume = geometry.volume_node_from_ct(scene, ct, "CT")
+    classification = Classification("covid19", {"covid19": 0.87, "cap": 0.1, "non_pneumonia": 0.03}, PROVENANCE,
+                                    out_of_distribution=True, ood_distance=41.5, ood_threshold=12.25)
+    severity = Severity(SEVERITY_NOT_APPLICABLE, {"mild": 0.1, "moderate": 0.2, "severe": 0.3, "critical": 0.4}, 0.12,
+                        [{"class": "non_covid", "index": 0, "distance": 0.5}], False, PROVENANCE, slices_used=16)
+    result = make_result(ct, make_masks(ct), classification=classification, severity=severity)
+    nodes = scene_writer.write_result_to_scene(scene, result, volume, closed_surface=False)
+
+    table = nodes.classification_table
+    assert NOT_ASSESSABLE.upper() in table.GetName()
+    assert table.GetDescription().startswith(NOT_ASSESSABLE)
+    assert [table.GetCellText(r, 3) for r in range(3)] == ["not assessable", "", ""]
+    assert table.GetAttribute("CovidCTDx.out_of_distribution") == "true"
+    assert float(table.GetAttribute("CovidCTDx.ood_distance")) == pytest.approx(41.5)
+
+    sev = nodes.severity_table
+    assert [sev.GetCellText(r, 2) for r in range(4)] == ["", "", "", ""]  # no grade is marked
+    assert sev.GetDescription().startswith("not applicable (COVID-19 probability 12.0% < 0.5)")
+
+    text = panel_text.summary_texts(nodes.classification_table, nodes.severity_table, nodes.findings_table)
+    assert text["classification"].startswith(NOT_ASSESSABLE)
+    assert text["classification"].index(NOT_ASSESSABLE) < text["classification"].index("COVID-19")
+    assert "12.2" in text["classification"] and "41.5" in text["classification"]
+    assert text["severity"].startswith("not applicable")
+    assert not any(grade in text["severity"] for grade in SEVERITY_KEYS)
 
 
 def test_model_cards_are_read_without_torch_and_escaped(tmp_path):

@@ -85,26 +85,36 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _summarise(results_json: Path) -> None:
-    """Print the key results on stdout (scripts read results.json; people read this)."""
+    """Print the key results on stdout (scripts read results.json; people read this).
+
+    Findings and the rule-based reading come first; each model line leads with "not
+    assessable (out of distribution)" when its input is unlike its training scans, so a
+    class or grade is never the first thing read for such a scan.
+    """
+    from ..io.report import classification_summary, severity_summary
+
     r = json.loads(results_json.read_text())
     out = [f"outputs: {results_json.parent}"]
     if r["lungs"]:
         out.append(f"lungs: right {r['lungs']['right_ml']:.0f} mL, left {r['lungs']['left_ml']:.0f} mL")
-    for key, title in (("classification", "classification"), ("severity", "severity")):
-        block = r.get(key)
-        if block:
-            probs = ", ".join(f"{k} {v:.2f}" for k, v in block["probabilities"].items())
-            label = block["weights"].get("label")
-            out.append(f"{title}: {block['label']} ({probs})" + (f"  [{label}]" if label else ""))
-        else:
-            out.append(f"{title}: not run — {r['not_run'].get(key, '')}")
     f = r.get("findings")
     if f:
+        plr = f["peripheral_lesion_ratio_percent"]
         out.append(
             f"findings: {f['lesion_count']} lesions, {f['lesion_volume_ml']:.1f} mL, LVR {f['lesion_volume_ratio_percent']:.1f}%, "
-            f"PLR {f['peripheral_lesion_ratio_percent'] if f['peripheral_lesion_ratio_percent'] is not None else float('nan'):.1f}%, "
-            f"CT severity score {f['ct_severity_score']}"
+            f"PLR {plr if plr is not None else float('nan'):.1f}%, CT severity score {f['ct_severity_score']}"
         )
+        reading = f.get("rule_based_reading")
+        if reading:
+            out.append(f"rule-based reading: {reading['label']} — {'; '.join(reading['reasons'])}")
+    for key, title, summary in (("classification", "classification", classification_summary),
+                                ("severity", "severity", severity_summary)):
+        block = r.get(key)
+        if block:
+            label = block["weights"].get("label")
+            out.append(f"{title}: {summary(block)}" + (f"  [{label}]" if label else ""))
+        else:
+            out.append(f"{title}: not run — {r['not_run'].get(key, '')}")
     out.append("timings (s): " + ", ".join(f"{k} {v:.2f}" for k, v in r["timings_s"].items()))
     print("\n".join(out))
 

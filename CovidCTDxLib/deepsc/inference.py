@@ -19,7 +19,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -31,6 +31,8 @@ from ..progress import ProgressCallback
 from ..result import CLASS_KEYS, LungMasks, Provenance
 from ..volume import CTVolume
 from ..weights import LoadedWeights, load_weights
+from .ood import PREFIX as OOD_PREFIX
+from .ood import FeatureStatistics
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +157,8 @@ def gaussian_weight(size: Sequence[int], sigma_scale: float = 0.125) -> torch.Te
 
 # ============================================================================ model
 def load_model(weights: Union[LoadedWeights, str, Path]) -> Tuple[DeepSCCovid, LoadedWeights]:
-    """Build the network described by the weights' card and load its tensors."""
+    """Build the network described by the weights' card and load its tensors (the ``ood.``
+    statistics, see :func:`load_statistics`, are not network parameters)."""
     if not isinstance(weights, LoadedWeights):
         weights = load_weights(weights, expected_architecture=ARCHITECTURE)
     try:
@@ -163,11 +166,24 @@ def load_model(weights: Union[LoadedWeights, str, Path]) -> Tuple[DeepSCCovid, L
     except (TypeError, ValueError) as exc:
         raise WeightsError(f"{weights.path.name}: the model card's DeepSC config is invalid ({exc}).") from exc
     model = DeepSCCovid(config)
+    state = {k: v for k, v in weights.state_dict.items() if not k.startswith(OOD_PREFIX)}
     try:
-        model.load_state_dict(weights.state_dict, strict=True)
+        model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise WeightsError(f"{weights.path.name} does not fit the DeepSC-COVID network its card describes ({exc}).") from exc
     return model.eval(), weights
+
+
+def load_statistics(weights: LoadedWeights) -> Optional[FeatureStatistics]:
+    """The OOD feature statistics shipped in the weights file, or None (see ``deepsc/ood.py``).
+
+    Why the size check: statistics of another network width would compare unrelated numbers.
+    """
+    stats = FeatureStatistics.from_state(weights.state_dict)
+    width = DeepSCConfig.from_dict(weights.card.config).width
+    if stats is not None and stats.means.shape[1] != 14 * width:
+        raise WeightsError(f"{weights.path.name}: OOD statistics have {stats.means.shape[1]} features, the network {14 * width}.")
+    return stats
 
 
 def default_threads() -> int:
@@ -197,6 +213,27 @@ class DeepSCOutput:
     provenance: Provenance
     windows: int = 0
     seconds: float = 0.0
+    feature: Optional[np.ndarray] = None  # (14w,) pooled classification feature, window-averaged
+    #: Mahalanobis distance to the nearest class mean and its threshold; None without statistics.
+    ood_distance: Optional[float] = None
+    ood_threshold: Optional[float] = None
+
+    @property
+    def out_of_distribution(self) -> Optional[bool]:
+        """True when the scan is farther than the threshold from every class; None when unchecked."""
+        if self.ood_distance is None or self.ood_threshold is None:
+            return None
+        return self.ood_distance > self.ood_threshold
+
+
+class WindowOutputs(NamedTuple):
+    """What the sliding window gives, on the model grid."""
+
+    lesion_probability: torch.Tensor  # (Z, Y, X) on the padded grid
+    class_probabilities: np.ndarray  # (K,)
+    evidence: torch.Tensor  # (K, S, c, c) on the slice grid
+    windows: int
+    feature: np.ndarray  # (14w,) pooled classification feature, lung-weighted over windows
 
 
 def plan_axis(n: int, patch: int, overlap: float, scale: float) -> Tuple[int, List[int]]:
@@ -226,12 +263,9 @@ def infer_prepared(
     overlap: float = 0.25,
     progress: Optional[ProgressCallback] = None,
     window_scale: float = 1.0,
-) -> Tuple[torch.Tensor, np.ndarray, torch.Tensor, int]:
-    """Sliding window on the model grid.
-
-    Returns (lesion probability (Z, Y, X) on the padded grid, class probabilities (K,),
-    evidence (K, S, c, c) on the slice grid, number of windows).
-    """
+) -> WindowOutputs:
+    """Sliding window on the model grid. Class probabilities, evidence and the pooled
+    feature are averaged over windows weighted by how much lung each window holds."""
     cfg = model.config
     vol, lung = scan.volume, scan.lung
     Z, Y, X = vol.shape
@@ -249,6 +283,7 @@ def infer_prepared(
     wsum = torch.zeros(Zp, Yp, Xp)
     cls_acc = torch.zeros(cfg.num_classes, dtype=torch.float64)
     ev_acc = torch.zeros(cfg.num_classes, cfg.cls_slices, cfg.cls_size, cfg.cls_size)
+    feat_acc = torch.zeros(14 * cfg.width, dtype=torch.float64)
     total_w = 0.0
     sz, sy, sx = size
     starts = [
@@ -273,12 +308,13 @@ def infer_prepared(
             w = float(lung[z : z + sz, y : y + sy, x : x + sx].float().mean())
             cls_acc += w * cls[i]
             ev_acc += w * ev[i]
+            feat_acc += w * out.pooled[i].double()
             total_w += w
         if progress is not None:
             progress(0.1 + 0.75 * min(1.0, (b0 + len(chunk)) / len(starts)), f"DeepSC-COVID window {b0 + len(chunk)}/{len(starts)}")
     prob_map = (torch.where(wsum > 0, acc / wsum.clamp_min(1e-6), torch.zeros(())) * lung)[:Z, :Y, :X]
-    cls_probs = (cls_acc / max(total_w, 1e-9)).numpy()
-    return prob_map, cls_probs, ev_acc / max(total_w, 1e-9), len(starts)
+    norm = max(total_w, 1e-9)
+    return WindowOutputs(prob_map, (cls_acc / norm).numpy(), ev_acc / norm, len(starts), (feat_acc / norm).numpy())
 
 
 def _to_ct_grid(grid_map: torch.Tensor, scan: PreparedScan, lung: np.ndarray) -> np.ndarray:
@@ -321,6 +357,7 @@ def run_deepsc(
     if progress is not None:
         progress(0.0, "Loading DeepSC-COVID")
     model, loaded = load_model(weights)
+    stats = load_statistics(loaded)
     cfg = model.config
     orient = ct.canonical_frame()
     hu = orient.to_canonical(ct.array)
@@ -333,7 +370,8 @@ def run_deepsc(
             if progress is not None:
                 progress(0.05, "Preparing the lungs for DeepSC-COVID")
             scan = prepare_scan(hu, lung, spacing, cfg)
-            prob_grid, cls_probs, ev_grid, n_windows = infer_prepared(model, scan, overlap, progress, window_scale)
+            win = infer_prepared(model, scan, overlap, progress, window_scale)
+            prob_grid, cls_probs, ev_grid, n_windows = win.lesion_probability, win.class_probabilities, win.evidence, win.windows
             if progress is not None:
                 progress(0.9, "Mapping DeepSC-COVID outputs back to the CT grid")
             label = int(np.argmax(cls_probs))
@@ -347,8 +385,12 @@ def run_deepsc(
     ev_ct = orient.from_canonical(evidence)
     mask = prob_ct >= threshold
     probabilities = {k: float(p) for k, p in zip(CLASS_KEYS, cls_probs)}
+    distance = float(stats.distance(win.feature)) if stats is not None else None
     seconds = time.perf_counter() - t0
     if progress is not None:
         progress(1.0, "DeepSC-COVID done")
-    log.info("DeepSC-COVID: %d windows in %.1f s, probabilities %s", n_windows, seconds, probabilities)
-    return DeepSCOutput(prob_ct, mask, ev_ct, probabilities, loaded.provenance(), n_windows, seconds)
+    out = DeepSCOutput(prob_ct, mask, ev_ct, probabilities, loaded.provenance(), n_windows, seconds, win.feature,
+                       distance, stats.threshold if stats is not None else None)
+    log.info("DeepSC-COVID: %d windows in %.1f s, probabilities %s, OOD distance %s (threshold %s)", n_windows, seconds,
+             probabilities, distance, out.ood_threshold)
+    return out

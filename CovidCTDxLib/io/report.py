@@ -5,13 +5,51 @@ including every "not run" reason and every model's provenance label.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Mapping
 
-from ..result import CLASS_NAMES
+from ..result import CLASS_NAMES, NOT_ASSESSABLE, SEVERITY_MIN_COVID_PROBABILITY, SEVERITY_NOT_APPLICABLE
 
 
 def _pct(p: float) -> str:
     return f"{100.0 * p:.1f}%"
+
+
+def _probabilities(probabilities: Mapping[str, float], names: bool) -> str:
+    if names:
+        return ", ".join(f"{CLASS_NAMES.get(k, k)} {_pct(v)}" for k, v in probabilities.items())
+    return ", ".join(f"{k} {v:.2f}" for k, v in probabilities.items())
+
+
+def classification_summary(block: Mapping[str, Any], names: bool = False) -> str:
+    """One line for a results.json ``classification`` block, used by every front door.
+
+    Why one function: when the scan is out of distribution, "not assessable" must come
+    first and the class only as a secondary detail, the same way in the CLI, the report
+    and the Slicer panel. ``names`` gives display names and percentages instead of keys.
+    """
+    label = CLASS_NAMES.get(block["label"], block["label"]) if names else block["label"]
+    output = f"{label} ({_probabilities(block['probabilities'], names)})"
+    distance, threshold = block.get("ood_distance"), block.get("ood_threshold")
+    if block.get("out_of_distribution"):
+        return (f"{NOT_ASSESSABLE}: feature distance {distance:.1f} > threshold {threshold:.1f}; "
+                f"model output, not a finding: {output}")
+    if block.get("out_of_distribution") is None:
+        return f"{output}; out-of-distribution check not made (these weights carry no feature statistics)"
+    return f"{output}; in distribution (feature distance {distance:.1f} ≤ {threshold:.1f})"
+
+
+def severity_summary(block: Mapping[str, Any], names: bool = False) -> str:
+    """One line for a results.json ``severity`` block: "not assessable" first when RACNet
+    flags the scan, "not applicable" when RACNet does not call it COVID-19, else the grade."""
+    covid = block.get("covid_probability")
+    covid_text = f"COVID-19 probability {_pct(covid) if names else f'{covid:.2f}'}"
+    if block["label"] == SEVERITY_NOT_APPLICABLE:
+        output = f"not applicable ({covid_text} < {SEVERITY_MIN_COVID_PROBABILITY:g})"
+    else:
+        output = f"{block['label']} ({_probabilities(block['probabilities'], names)}; {covid_text})"
+    if block.get("out_of_distribution"):
+        return f"{NOT_ASSESSABLE}: far from every training anchor; model output, not a finding: {output}"
+    return output
 
 
 def _weights_line(w: Dict[str, Any]) -> str:
@@ -46,25 +84,37 @@ def render_report(results: Dict[str, Any]) -> str:
     else:
         lines.append("Not run.")
     lines.append("")
-    lines.append("## Classification (DeepSC-COVID)")
+    _findings_section(results, lines)
+    lines.append("## Neural models (secondary to the findings above)")
+    lines.append("")
+    lines.append("### Classification (DeepSC-COVID)")
     cls = results.get("classification")
     if cls:
-        lines.append(f"**{CLASS_NAMES.get(cls['label'], cls['label'])}** — " + ", ".join(
-            f"{CLASS_NAMES.get(k, k)} {_pct(v)}" for k, v in cls["probabilities"].items()))
+        lines.append(classification_summary(cls, names=True))
+        lines.append("")
         lines.append(_weights_line(cls["weights"]))
     else:
         lines.append(f"Not run: {results['not_run'].get('classification', 'no reason recorded')}")
     lines.append("")
-    lines.append("## Severity (RACNet)")
+    lines.append("### Severity (RACNet)")
     sev = results.get("severity")
     if sev:
-        lines.append(f"**{sev['label']}** — " + ", ".join(f"{k} {_pct(v)}" for k, v in sev["probabilities"].items()))
-        ood = "yes" if sev["out_of_distribution"] else "no"
-        lines.append(f"COVID-19 probability {_pct(sev['covid_probability'])}; out of distribution: {ood}.")
+        lines.append(severity_summary(sev, names=True))
+        lines.append("")
         lines.append(_weights_line(sev["weights"]))
     else:
         lines.append(f"Not run: {results['not_run'].get('severity', 'no reason recorded')}")
     lines.append("")
+    lines.append("## Timings (s)")
+    lines.append(", ".join(f"{k} {v:.2f}" for k, v in results["timings_s"].items()))
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _findings_section(results: Dict[str, Any], lines: List[str]) -> None:
+    """The lesion findings and their rule-based reading. They lead the report because a reader
+    can check them against the lesion mask (by default from the density engine, validated on
+    real scans), while the neural outputs may not be assessable for the scan at all."""
     lines.append("## Findings")
     f = results.get("findings")
     if f:
@@ -79,12 +129,7 @@ def render_report(results: Dict[str, Any]) -> str:
         reading = f.get("rule_based_reading")
         if reading:
             lines.append("")
-            lines.append(f"Rule-based reading of the findings (shown beside, not instead of, the neural classification): "
-                         f"**{reading['label']}** — {'; '.join(reading['reasons'])}")
+            lines.append(f"Rule-based reading of the findings: **{reading['label']}** — {'; '.join(reading['reasons'])}")
     else:
         lines.append(f"Not run: {results['not_run'].get('findings', 'no reason recorded')}")
     lines.append("")
-    lines.append("## Timings (s)")
-    lines.append(", ".join(f"{k} {v:.2f}" for k, v in results["timings_s"].items()))
-    lines.append("")
-    return "\n".join(lines)

@@ -222,7 +222,8 @@ def result_from_outputs(out_dir: Path, ct: CTVolume) -> Result:
         result.evidence = sitk.GetArrayFromImage(sitk.ReadImage(str(evidence_path))).astype(np.float32)
     c = payload.get("classification")
     if c:
-        result.classification = Classification(c["label"], dict(c["probabilities"]), _provenance(c.get("weights") or {}))
+        result.classification = Classification(c["label"], dict(c["probabilities"]), _provenance(c.get("weights") or {}),
+                                               c.get("out_of_distribution"), c.get("ood_distance"), c.get("ood_threshold"))
     s = payload.get("severity")
     if s:
         result.severity = Severity(

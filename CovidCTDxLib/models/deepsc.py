@@ -105,12 +105,16 @@ class DeepSCOutputs(NamedTuple):
     cls_logits: (N, num_classes).
     cams: per residual unit (64/128/256-ch level), class activation maps (N, K, d, h, w)
         on the slice grid, computed from the FC weights.
+    pooled: (N, 14w) the GAP vector the FC layer classifies; inference compares it with the
+        training statistics to tell when a scan is unlike anything the classifier saw
+        (``deepsc/ood.py``).
     """
 
     seg_logits: torch.Tensor
     deep_logits: List[torch.Tensor]
     cls_logits: torch.Tensor
     cams: List[torch.Tensor]
+    pooled: Optional[torch.Tensor] = None
 
 
 class CrossTaskExchange(nn.Module):
@@ -189,7 +193,8 @@ class ClassificationSubnet(nn.Module):
         self.splits = (2 * w, 4 * w, 8 * w)
         self.fc = nn.Linear(sum(self.splits), num_classes)
 
-    def forward(self, features: torch.Tensor, lesion_map: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    def forward(self, features: torch.Tensor, lesion_map: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor], torch.Tensor]:
+        """(logits, CAMs, pooled GAP vector)."""
         x = torch.cat([self.lesion_scale * self.lesion_in(lesion_map), self.feat_in(features)], dim=1)
         maps = []
         for unit in self.units:
@@ -203,7 +208,7 @@ class ClassificationSubnet(nn.Module):
             w = self.fc.weight[:, offset : offset + c]  # (K, c)
             cams.append(torch.einsum("ncdhw,kc->nkdhw", m, w))
             offset += c
-        return logits, cams
+        return logits, cams, pooled
 
 
 class DeepSCCovid(nn.Module):
@@ -243,8 +248,8 @@ class DeepSCCovid(nn.Module):
         seg_logits, deep = self.lesion(seg_in)
         lesion_prob = torch.softmax(seg_logits, dim=1)[:, 1:2]
         lesion_map = paste_from_box(lesion_prob, box, cls_in.shape[2:])
-        cls_logits, cams = self.classifier(cls_in, lesion_map)
-        return DeepSCOutputs(seg_logits, deep, cls_logits, cams)
+        cls_logits, cams, pooled = self.classifier(cls_in, lesion_map)
+        return DeepSCOutputs(seg_logits, deep, cls_logits, cams, pooled)
 
 
 def lesion_probability(seg_logits: torch.Tensor, config: DeepSCConfig) -> torch.Tensor:

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from ..errors import WeightsError
 from ..models.racnet import ARCHITECTURE, ARCHITECTURE_VERSION, RACNet, RACNetConfig
 from ..progress import Progress
-from ..result import SEVERITY_KEYS, LungMasks, Severity
+from ..result import SEVERITY_KEYS, SEVERITY_MIN_COVID_PROBABILITY, SEVERITY_NOT_APPLICABLE, LungMasks, Severity
 from ..volume import LPS_LEFT, LPS_POSTERIOR, CTVolume
 from .anchors import INPUT_PREFIX, Anchors
 from .anchors import PREFIX as ANCHOR_PREFIX
@@ -274,17 +274,18 @@ def run_racnet(
     match = bundle.anchors.explain(pred["latent"], k=3)
     ood = bundle.out_of_distribution(pred)
     probs = {k: float(p) for k, p in zip(SEVERITY_KEYS, pred["severity"])}
-    label = SEVERITY_KEYS[int(np.argmax(pred["severity"]))]
+    grade = SEVERITY_KEYS[int(np.argmax(pred["severity"]))]
+    covid = float(pred["covid"][1])
+    label = grade if covid >= SEVERITY_MIN_COVID_PROBABILITY else SEVERITY_NOT_APPLICABLE
     log.info(
-        "RACNet: %s (p=%.2f), COVID p=%.2f, %d slices (%s), nearest anchor %s, OOD=%s",
-        label, probs[label], float(pred["covid"][1]), len(sel), sel.method,
-        match.nearest[0] if match.nearest else None, ood,
+        "RACNet: %s (grade head %s p=%.2f), COVID p=%.2f, %d slices (%s), nearest anchor %s, OOD=%s",
+        label, grade, probs[grade], covid, len(sel), sel.method, match.nearest[0] if match.nearest else None, ood,
     )
     report(1.0, "RACNet: done")
     return Severity(
         label=label,
         probabilities=probs,
-        covid_probability=float(pred["covid"][1]),
+        covid_probability=covid,
         anchors=match.nearest,
         out_of_distribution=ood,
         provenance=weights.provenance(),

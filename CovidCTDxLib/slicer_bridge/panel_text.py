@@ -9,7 +9,7 @@ import html
 import json
 from typing import Any, Dict, List, Mapping
 
-from ..result import CLASS_NAMES
+from ..io.report import classification_summary, severity_summary
 from .segmentation import ATTRIBUTE_PREFIX
 from .tables import findings_from_table, reading_from_table, reading_text
 
@@ -22,22 +22,37 @@ SUMMARY_FINDINGS = (
 )
 
 
+def _block(table_node) -> Dict[str, Any]:
+    """A results.json-style model block from a model table's attributes, so the panel words
+    the output with the same functions as the CLI and the report."""
+    prefix = ATTRIBUTE_PREFIX
+
+    def number(key: str) -> Any:
+        value = table_node.GetAttribute(prefix + key)
+        return float(value) if value else None
+
+    flag = table_node.GetAttribute(prefix + "out_of_distribution") or ""
+    return {
+        "label": table_node.GetAttribute(prefix + "label"),
+        "probabilities": json.loads(table_node.GetAttribute(prefix + "probabilities") or "{}"),
+        "out_of_distribution": None if not flag else flag == "true",
+        "ood_distance": number("ood_distance"),
+        "ood_threshold": number("ood_threshold"),
+        "covid_probability": number("covid_probability"),
+    }
+
+
 def summary_texts(classification_table, severity_table, findings_table) -> Dict[str, str]:
     """One-line texts for the result panel (keys: classification, severity, metrics, reading,
     provenance), read back from the output nodes; "–" where a stage did not run."""
     text = {"classification": "–", "severity": "–", "metrics": "–", "reading": "–", "provenance": ""}
     prefix = ATTRIBUTE_PREFIX
     if classification_table is not None and classification_table.GetAttribute(prefix + "label"):
-        probs = json.loads(classification_table.GetAttribute(prefix + "probabilities") or "{}")
-        label = classification_table.GetAttribute(prefix + "label")
-        text["classification"] = f"{CLASS_NAMES.get(label, label)} — " + ", ".join(
-            f"{CLASS_NAMES.get(k, k)} {100 * v:.0f}%" for k, v in probs.items())
+        text["classification"] = classification_summary(_block(classification_table), names=True)
         if classification_table.GetAttribute(prefix + "weights.label"):
             text["provenance"] = classification_table.GetAttribute(prefix + "weights.label")
     if severity_table is not None and severity_table.GetAttribute(prefix + "label"):
-        ood = severity_table.GetAttribute(prefix + "out_of_distribution") == "true"
-        text["severity"] = severity_table.GetAttribute(prefix + "label") + (
-            " (out of distribution: unreliable)" if ood else "")
+        text["severity"] = severity_summary(_block(severity_table), names=True)
     findings = findings_from_table(findings_table)
     if findings:
         shown = [f"{label} {findings[key]:.4g}{unit}" for key, label, unit in SUMMARY_FINDINGS

@@ -7,8 +7,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..io.report import classification_summary, severity_summary
 from ..io.results import json_safe
-from ..result import CLASS_KEYS, CLASS_NAMES, NOT_FOR_DIAGNOSIS, SEVERITY_KEYS, Provenance
+from ..result import CLASS_KEYS, CLASS_NAMES, NOT_ASSESSABLE, NOT_FOR_DIAGNOSIS, SEVERITY_KEYS, Provenance
 from .geometry import import_vtk
 from .segmentation import ATTRIBUTE_PREFIX
 
@@ -73,12 +74,12 @@ CLASSIFICATION_COLUMNS = (
     ("class", "string", "", "Scan-level class (DeepSC-COVID)"),
     ("key", "string", "", "Machine-readable class key"),
     ("probability", "double", "", "Softmax probability, 0..1"),
-    ("predicted", "string", "", "'yes' for the predicted class"),
+    ("predicted", "string", "", "'yes' for the predicted class; 'not assessable' when the scan is out of distribution"),
 )
 SEVERITY_COLUMNS = (
     ("severity", "string", "", "Severity grade (RACNet)"),
     ("probability", "double", "", "Probability of this grade, 0..1"),
-    ("predicted", "string", "", "'yes' for the predicted grade"),
+    ("predicted", "string", "", "'yes' for the grade; 'not assessable' when out of distribution; empty when not applicable"),
     ("nearest_anchor_distance", "double", "", "Latent distance to the nearest anchor of this grade (smaller = more typical)"),
 )
 FINDINGS_COLUMNS = (
@@ -89,15 +90,36 @@ FINDINGS_COLUMNS = (
 )
 
 
+def _flag(value: Optional[bool]) -> str:
+    """Attribute text of a tri-state flag: "true", "false", or "" when the check was not made."""
+    return "" if value is None else ("true" if value else "false")
+
+
+def _assessed(title: str, description: str, ood: Optional[bool], summary: str) -> Tuple[str, str]:
+    """Title and description of a model table: an out-of-distribution scan is marked in the
+    title and the description starts with the one-line summary, "not assessable" first."""
+    if ood:
+        title += f" [{NOT_ASSESSABLE.upper()}]"
+    return title, f"{summary}. {description}"
+
+
 def classification_table(scene, classification, name: str):
+    mark = "not assessable" if classification.out_of_distribution else "yes"
     rows = [
-        (CLASS_NAMES[k], k, classification.probabilities.get(k), "yes" if k == classification.label else "")
+        (CLASS_NAMES[k], k, classification.probabilities.get(k), mark if k == classification.label else "")
         for k in CLASS_KEYS
     ]
-    attributes = {"label": classification.label, "probabilities": dict(classification.probabilities)}
+    attributes = {
+        "label": classification.label,
+        "probabilities": dict(classification.probabilities),
+        "out_of_distribution": _flag(classification.out_of_distribution),
+        "ood_distance": "" if classification.ood_distance is None else repr(classification.ood_distance),
+        "ood_threshold": "" if classification.ood_threshold is None else repr(classification.ood_threshold),
+    }
     attributes.update(_provenance_attributes(classification.provenance))
-    return _table(scene, _title(name, classification.provenance), CLASSIFICATION_COLUMNS, rows, attributes,
-                  _provenance_text(classification.provenance))
+    title, description = _assessed(_title(name, classification.provenance), _provenance_text(classification.provenance),
+                                   classification.out_of_distribution, classification_summary(classification.to_dict(), names=True))
+    return _table(scene, title, CLASSIFICATION_COLUMNS, rows, attributes, description)
 
 
 def severity_table(scene, severity, name: str):
@@ -106,8 +128,9 @@ def severity_table(scene, severity, name: str):
         key = str(anchor.get("class"))
         distance = float(anchor.get("distance", np.nan))
         nearest[key] = min(distance, nearest.get(key, np.inf))
+    mark = "not assessable" if severity.out_of_distribution else "yes"
     rows = [
-        (k, severity.probabilities.get(k), "yes" if k == severity.label else "", nearest.get(k))
+        (k, severity.probabilities.get(k), mark if k == severity.label else "", nearest.get(k))
         for k in SEVERITY_KEYS
     ]
     attributes = {
@@ -119,12 +142,8 @@ def severity_table(scene, severity, name: str):
         "slices_used": severity.slices_used,
     }
     attributes.update(_provenance_attributes(severity.provenance))
-    title = _title(name, severity.provenance)
-    if severity.out_of_distribution:
-        title += " [OUT OF DISTRIBUTION]"
-    description = _provenance_text(severity.provenance)
-    if severity.out_of_distribution:
-        description = "The scan is far from every training anchor: the severity is unreliable. " + description
+    title, description = _assessed(_title(name, severity.provenance), _provenance_text(severity.provenance),
+                                   severity.out_of_distribution, severity_summary(severity.to_dict(), names=True))
     return _table(scene, title, SEVERITY_COLUMNS, rows, attributes, description)
 
 

@@ -86,7 +86,8 @@ def validate(model: DeepSCCovid, cases: Sequence[PreparedCase], window_scale: fl
     dices, probs, labels = [], [], []
     with torch.inference_mode():
         for case in cases:
-            prob, cls, _, _ = infer_prepared(model, case.scan, window_scale=window_scale)
+            win = infer_prepared(model, case.scan, window_scale=window_scale)
+            prob, cls = win.lesion_probability, win.class_probabilities
             if case.has_lesion_labels:
                 dices.append(scan_metrics.dice((prob >= 0.5).numpy(), case.lesion.numpy(), case.scan.lung.numpy()))
             probs.append(cls)
