@@ -216,3 +216,31 @@ def test_whole_pipeline_on_the_real_lung_cancer_scan(a0001_nii, tmp_path):
     assert main(["-q", "run", str(a0001_nii), "-o", str(tmp_path), "--stages", "lungs,findings"]) == 0
     r = json.loads((tmp_path / "results.json").read_text())
     assert r["lungs"]["right_ml"] > 1000 and r["lungs"]["left_ml"] > 800
+
+
+@pytest.fixture(scope="module")
+def normal_cli_run(tmp_path_factory):
+    """`covidctdx phantom --kind normal` with the CLI's defaults, then `covidctdx run` on it."""
+    folder = tmp_path_factory.mktemp("normal")
+    ct_path = folder / "normal.nrrd"
+    assert main(["-q", "phantom", str(ct_path), "--kind", "normal"]) == 0
+    assert main(["-q", "run", str(ct_path), "-o", str(folder / "out")]) == 0
+    return json.loads((folder / "out" / "results.json").read_text())
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "measured 2026-12-07: the demo DeepSC-COVID calls this phantom covid19 0.53 (cap 0.46, non_pneumonia 0.01) with the "
+    "pipeline's lung masks, but non_pneumonia 0.997 with the phantom's true lungs; the pipeline mask holds ~7100 more "
+    "voxels (median HU 35) than the masks the demo weights were trained on, and eroding it does not help, so the demo "
+    "classifier needs retraining on pipeline masks (issue 19 item 1)"))
+def test_a_cli_default_normal_phantom_is_called_non_pneumonia(normal_cli_run):
+    assert normal_cli_run["classification"]["label"] == "non_pneumonia"
+
+
+def test_a_cli_default_normal_phantom_gets_no_severity_grade_and_no_lesion_reading(normal_cli_run):
+    """What does hold for the same run: RACNet does not call it COVID-19, so no grade is shown,
+    and the density findings that lead the report read neither a COVID-19 nor a CAP pattern
+    (measured: 2 small lesions, 4 mL, "indeterminate")."""
+    sev = normal_cli_run["severity"]
+    assert sev["covid_probability"] < SEVERITY_MIN_COVID_PROBABILITY and sev["label"] == SEVERITY_NOT_APPLICABLE
+    assert normal_cli_run["findings"]["rule_based_reading"]["label"] in ("no_lesions", "indeterminate")

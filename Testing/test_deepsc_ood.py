@@ -121,14 +121,29 @@ def test_changed_statistics_fail_the_checksum(tmp_path):
 
 
 # --------------------------------------------------------------------------- in distribution: unseen product-path phantoms
-@pytest.mark.slow
-def test_unseen_product_path_phantoms_are_rarely_flagged(demo):
+@pytest.fixture(scope="module")
+def unseen(demo, racnet):
     """12 phantoms on seeds 90000+ (the calibration tool uses 60000–80029), half on clinical
-    grids. With the expected rate ≈ 3 % (module docstring of deepsc/ood.py), two or more flags
-    in 12 happen in < 6 % of draws, so more than one flag means the calibration does not hold."""
-    outcomes = run_cases(product_cases(12, 90000), demo)
-    flagged = [o.name for o in outcomes if o.ood_distance > o.ood_threshold]
+    grids, through the product path (pipeline lung masks)."""
+    return run_cases(product_cases(12, 90000), demo, racnet)
+
+
+@pytest.mark.slow
+def test_unseen_product_path_phantoms_are_rarely_flagged(unseen):
+    """With the expected rate ≈ 3 % (deepsc/ood.py), two or more flags in 12 happen in < 6 %
+    of draws, so more than one flag means the calibration does not hold."""
+    flagged = [o.name for o in unseen if o.ood_distance > o.ood_threshold]
     assert len(flagged) <= 1, flagged
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=(
+    "measured 2026-12-07 (tools/calibrate_deepsc_ood.py, 30 unseen product-path phantoms): the demo DeepSC-COVID, "
+    "trained on ground-truth lungs at one grid, is far below 0.9 through the product path; see the model card's "
+    "product_path_accuracy and README; needs retraining (issue 19 item 1)"))
+def test_unseen_product_path_phantoms_are_classified(unseen):
+    """Issue 19's target: 3-class accuracy ≥ 0.9 on unseen phantoms through the product path."""
+    assert np.mean([o.predicted == o.label for o in unseen]) >= 0.9
 
 
 # --------------------------------------------------------------------------- out of distribution

@@ -619,7 +619,7 @@ def test_out_of_distribution_and_not_applicable_lead_the_tables_and_the_panel(sc
 
     sev = nodes.severity_table
     assert [sev.GetCellText(r, 2) for r in range(4)] == ["", "", "", ""]  # no grade is marked
-    assert sev.GetDescription().startswith("not applicable (COVID-19 probability 12.0% < 0.5)")
+    assert sev.GetDescription().startswith("not applicable (RACNet COVID-19 probability 12.0% < 50.0%)")
 
     text = panel_text.summary_texts(nodes.classification_table, nodes.severity_table, nodes.findings_table)
     assert text["classification"].startswith(NOT_ASSESSABLE)

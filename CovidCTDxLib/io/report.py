@@ -41,10 +41,12 @@ def classification_summary(block: Mapping[str, Any], names: bool = False) -> str
 def severity_summary(block: Mapping[str, Any], names: bool = False) -> str:
     """One line for a results.json ``severity`` block: "not assessable" first when RACNet
     flags the scan, "not applicable" when RACNet does not call it COVID-19, else the grade."""
-    covid = block.get("covid_probability")
-    covid_text = f"COVID-19 probability {_pct(covid) if names else f'{covid:.2f}'}"
+    def number(p: float) -> str:
+        return _pct(p) if names else f"{p:.2f}"
+
+    covid_text = f"RACNet COVID-19 probability {number(block.get('covid_probability'))}"
     if block["label"] == SEVERITY_NOT_APPLICABLE:
-        output = f"not applicable ({covid_text} < {SEVERITY_MIN_COVID_PROBABILITY:g})"
+        output = f"not applicable ({covid_text} < {number(SEVERITY_MIN_COVID_PROBABILITY)})"
     else:
         output = f"{block['label']} ({_probabilities(block['probabilities'], names)}; {covid_text})"
     if block.get("out_of_distribution"):
