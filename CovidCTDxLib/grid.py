@@ -1,8 +1,9 @@
 """Moving masks and images between a full-resolution grid and a coarser one by whole-voxel
 factors, bounding boxes, and SimpleITK's ball kernel for scipy morphology.
 
-Also mm-radius binary morphology (SimpleITK ball kernels on scipy), per-slice hole filling and
-small-component removal, computed on bounding boxes.
+Also mm-radius binary morphology (SimpleITK ball kernels on scipy, or exact Euclidean balls
+from distance maps), per-slice hole filling, connected components and small-component
+removal, computed on bounding boxes.
 
 Shared by the lung engine (its ~2.5 mm working grid), its enclosure fill (a ~5 mm ray
 grid), the lesion engine, zones and findings, so all of them shrink, paste back and crop
@@ -148,16 +149,21 @@ def _grown_box(mask: np.ndarray, pad: Sequence[int]) -> Optional[Tuple[slice, sl
     return bbox(mask, [int(p) for p in pad])
 
 
-def dilate_mm(mask: np.ndarray, spacing_zyx: Sequence[float], radius_mm: float) -> np.ndarray:
-    """Binary dilation by a ball of ``radius_mm``, computed on the mask's bounding box grown by
-    the radius only (most masks here are small next to the array, so this is the cost)."""
-    ball = ball_mm(spacing_zyx, radius_mm)
-    r = (np.array(ball.shape) - 1) // 2
+def dilate(mask: np.ndarray, structure: np.ndarray) -> np.ndarray:
+    """Binary dilation by ``structure`` (odd-sized, centred), computed on the mask's bounding
+    box grown by the structure's radius only (most masks here are small next to the array,
+    so this is the cost)."""
+    r = (np.array(structure.shape) - 1) // 2
     box = _grown_box(mask, r)
     out = np.zeros(mask.shape, bool)
     if box is not None:
-        out[box] = ndi.binary_dilation(mask[box], structure=ball)
+        out[box] = ndi.binary_dilation(mask[box], structure=structure)
     return out
+
+
+def dilate_mm(mask: np.ndarray, spacing_zyx: Sequence[float], radius_mm: float) -> np.ndarray:
+    """Binary dilation by a ball of ``radius_mm`` (see :func:`dilate`)."""
+    return dilate(mask, ball_mm(spacing_zyx, radius_mm))
 
 
 def opening_mm(mask: np.ndarray, spacing_zyx: Sequence[float], radius_mm: float) -> np.ndarray:
@@ -201,6 +207,74 @@ def closing_mm(mask: np.ndarray, spacing_zyx: Sequence[float], radius_mm: float)
     return out
 
 
+def disc_mm(spacing_zyx: Sequence[float], radius_mm: float, min_radius_vox: int = 0) -> np.ndarray:
+    """SimpleITK's ball of ``radius_mm`` in the axial plane only (z radius 0; each in-plane
+    voxel radius at least ``min_radius_vox``) as a (1, ny, nx) scipy structure."""
+    rx, ry, _ = (max(int(min_radius_vox), v) for v in ball_radius_vox(radius_mm, spacing_zyx))
+    return ball_kernel([rx, ry, 0])
+
+
+def opening_inplane_mm(mask: np.ndarray, spacing_zyx: Sequence[float], radius_mm: float,
+                       min_radius_vox: int = 0) -> np.ndarray:
+    """Opening in the axial plane only, by an elliptic disc of ``radius_mm`` (at least
+    ``min_radius_vox`` voxels per in-plane axis), on the mask's bounding box.
+
+    Why in-plane: on thick slices a 3D ball would erase the apex or base slice. Beyond the
+    array is background (an opening never grows a mask, so the box gives the full-array
+    result).
+    """
+    box = bbox(mask)
+    out = np.zeros(mask.shape, bool)
+    if box is not None:
+        disc = disc_mm(spacing_zyx, radius_mm, min_radius_vox)
+        out[box] = ndi.binary_opening(mask[box], structure=disc, border_value=0)
+    return out
+
+
+# ------------------------------------------------------------- distance maps (Euclidean balls)
+def _maurer(image: sitk.Image, inside_positive: bool) -> sitk.Image:
+    """SimpleITK's Maurer distance map in mm (multithreaded, unlike scipy's EDT)."""
+    return sitk.SignedMaurerDistanceMap(image, insideIsPositive=inside_positive, squaredDistance=False,
+                                        useImageSpacing=True)
+
+
+def _mm_image(mask: np.ndarray, spacing_zyx: Sequence[float]) -> sitk.Image:
+    img = sitk.GetImageFromArray(mask.astype(np.uint8))
+    img.SetSpacing([float(s) for s in reversed(spacing_zyx)])
+    return img
+
+
+def inside_distance_mm(mask: np.ndarray, spacing_zyx: Sequence[float]) -> np.ndarray:
+    """Distance (mm) of every voxel inside ``mask`` to its border, 0 outside."""
+    return np.maximum(sitk.GetArrayFromImage(_maurer(_mm_image(mask, spacing_zyx), True)), 0.0)
+
+
+def within_mm(mask: np.ndarray, spacing_zyx: Sequence[float], radius_mm: float) -> np.ndarray:
+    """Voxels within ``radius_mm`` (Euclidean, mm) of ``mask``: a dilation by an exact ball
+    whose cost does not grow with the radius; on the whole array."""
+    dist = _maurer(_mm_image(mask, spacing_zyx), False)
+    return sitk.GetArrayViewFromImage(dist) <= radius_mm
+
+
+def closing_distance_mm(mask: np.ndarray, spacing_zyx: Sequence[float], radius_mm: float) -> np.ndarray:
+    """Binary closing by an exact Euclidean ball of ``radius_mm`` via two distance maps.
+
+    Why next to :func:`closing_mm`: its cost is independent of the radius (a structuring
+    element's is not), which matters for the lung engine's 8 mm rolling ball; the ball is
+    the true one, not SimpleITK's rounded voxel ball. Computed on the mask's bounding box
+    grown by the radius (a closing never reaches further); the result contains ``mask``.
+    """
+    box = bbox(mask, [int(np.ceil(radius_mm / s)) + 1 for s in spacing_zyx])
+    out = mask.copy()
+    if box is None:
+        return out
+    dilated = _maurer(_mm_image(mask[box], spacing_zyx), False) <= radius_mm
+    closed = _maurer(dilated, True) >= radius_mm  # must outlive its array view
+    out[box] |= sitk.GetArrayViewFromImage(closed).view(bool)
+    return out
+
+
+# ----------------------------------------------------------------------- slices and components
 def inplane_cross() -> np.ndarray:
     """4-connected cross in the axial plane as a (3, 3, 3) structure (no link across slices)."""
     s = np.zeros((3, 3, 3), bool)
@@ -215,6 +289,14 @@ def fill_holes_2d(mask: np.ndarray) -> np.ndarray:
     if box is not None:
         out[box] = ndi.binary_fill_holes(mask[box], structure=inplane_cross())
     return out
+
+
+def components(mask: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Face-connected 3D components labelled 1, 2, ... by decreasing size, and the voxel
+    count of each label (index 0 = background)."""
+    cc = sitk.RelabelComponent(sitk.ConnectedComponent(sitk.GetImageFromArray(mask.astype(np.uint8))))
+    labels = sitk.GetArrayFromImage(cc)
+    return labels, np.bincount(labels.ravel())
 
 
 def remove_small_components(mask: np.ndarray, min_voxels: int) -> np.ndarray:

@@ -195,6 +195,8 @@ def run_pipeline(
     # ---------------------------------------------------------------- findings
     if "findings" in stages and result.lesions is not None:
         step = reporter.sub(*_PROGRESS_SPAN["findings"])
+        from .findings.reading import run_findings_stage
+
         with timer("findings"):
             step(0.0, "Computing lesion findings")
             run_findings_stage(result)
@@ -207,19 +209,6 @@ def run_pipeline(
     result.timings_s["total"] = round(time.perf_counter() - start, 3)
     reporter(1.0, "Done")
     return result
-
-
-def run_findings_stage(result: Result) -> None:
-    """Findings from the Result's lungs, zones and lesions, and the rule-based reading of them.
-
-    One function for the pipeline and for the recompute after an edit (CLI ``findings``, the
-    Slicer bridge), so every front door shows the same reading of the same findings.
-    """
-    from .findings.metrics import compute_findings
-    from .findings.reading import read_findings
-
-    result.findings = compute_findings(result.ct, result.lungs, result.lesions, result.zones)
-    result.reading = read_findings(result.findings)
 
 
 def _load_stage_weights(result: Result, options: PipelineOptions, model: str, output_key: str, title: str, step: Progress):

@@ -1,19 +1,28 @@
-"""grid's mm-radius morphology on bounding boxes must equal the same operation on the whole
-array (the crop is only a speed-up), including at the array faces."""
+"""grid's morphology: on bounding boxes it must equal the same operation on the whole array (the
+crop is only a speed-up), including at the array faces; distance-map variants are Euclidean in mm."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 from scipy import ndimage as ndi
 
 from CovidCTDxLib.grid import (
+    ball_kernel,
     ball_mm,
+    closing_distance_mm,
     closing_mm,
+    components,
+    dilate,
     dilate_mm,
+    disc_mm,
     fill_holes_2d,
     inplane_cross,
+    inside_distance_mm,
+    opening_inplane_mm,
     opening_mm,
     remove_small_components,
+    within_mm,
 )
 
 SPACING = (2.0, 0.8, 0.8)
@@ -59,3 +68,61 @@ def test_fill_holes_is_per_slice_and_small_components_go(mask):
     kept = remove_small_components(speck, 2)
     assert not kept[15, 2, 1] and np.array_equal(kept, remove_small_components(mask, 2))
     assert remove_small_components(np.zeros((4, 4, 4), bool), 2).sum() == 0
+
+
+
+def test_dilate_equals_simpleitk_ball_dilation(mask):
+    """The lung engine used SimpleITK's BinaryDilate; scipy with SimpleITK's ball is the same."""
+    img = sitk.GetImageFromArray(mask.astype(np.uint8))
+    for r in ([1, 1, 1], [2, 2, 1]):
+        expected = sitk.GetArrayFromImage(sitk.BinaryDilate(img, r, sitk.sitkBall)).astype(bool)
+        assert np.array_equal(dilate(mask, ball_kernel(r)), expected)
+
+
+@pytest.mark.parametrize("min_radius_vox", [0, 1])
+def test_inplane_opening_matches_whole_array_and_keeps_slices_apart(mask, min_radius_vox):
+    disc = disc_mm(SPACING, 2.0, min_radius_vox)
+    assert disc.shape[0] == 1  # no reach across slices
+    expected = ndi.binary_opening(mask, structure=disc, border_value=0)
+    assert np.array_equal(opening_inplane_mm(mask, SPACING, 2.0, min_radius_vox), expected)
+    # a radius below half a voxel opens nothing unless a minimum radius is asked for
+    tiny = opening_inplane_mm(mask, SPACING, 0.1, min_radius_vox)
+    assert np.array_equal(tiny, mask) == (min_radius_vox == 0)
+
+
+def test_distance_morphology_is_euclidean_in_mm():
+    m = np.zeros((21, 41, 41), bool)
+    m[10, 20, 20] = True
+    spacing = (2.0, 0.5, 0.5)
+    zz, yy, xx = np.nonzero(within_mm(m, spacing, 3.0))
+    d = np.sqrt(((zz - 10) * 2.0) ** 2 + ((yy - 20) * 0.5) ** 2 + ((xx - 20) * 0.5) ** 2)
+    assert d.max() <= 3.0 and len(d) == np.count_nonzero(
+        np.sqrt(((np.arange(21)[:, None, None] - 10) * 2.0) ** 2 + ((np.arange(41)[None, :, None] - 20) * 0.5) ** 2
+                + ((np.arange(41)[None, None, :] - 20) * 0.5) ** 2) <= 3.0)
+    block = np.zeros((21, 41, 41), bool)
+    block[5:16, 10:31, 10:31] = True
+    depth = inside_distance_mm(block, spacing)
+    assert depth[~block].max() == 0.0 and depth[10, 20, 20] == pytest.approx(5.0, abs=0.01)  # to the outer voxel layer, 10 x 0.5 mm
+
+
+def test_distance_closing_fills_a_gap_narrower_than_the_ball_only(mask):
+    spacing = (1.0, 1.0, 1.0)
+    two = np.zeros((20, 40, 60), bool)
+    two[5:15, 10:30, 10:28] = True
+    two[5:15, 10:30, 31:50] = True  # a 3 mm gap
+    closed = closing_distance_mm(two, spacing, 3.0)
+    assert closed[10, 20, 28:31].all() and (closed | ~two).all()
+    wide = two.copy()
+    wide[:, :, 28:38] = False  # a 10 mm gap stays open under a 3 mm ball
+    assert not closing_distance_mm(wide, spacing, 3.0)[10, 20, 30:36].any()
+    assert np.array_equal(closing_distance_mm(np.zeros_like(mask), SPACING, 3.0), np.zeros_like(mask))
+
+
+def test_components_are_face_connected_and_sorted_by_size():
+    m = np.zeros((5, 10, 10), bool)
+    m[1, 1:3, 1:3] = True  # 4 voxels
+    m[3, 5:9, 5:9] = True  # 16 voxels
+    m[2, 3, 3] = True  # touches the first only by an edge: its own component
+    labels, sizes = components(m)
+    assert list(sizes) == [m.size - 21, 16, 4, 1]
+    assert labels[3, 6, 6] == 1 and labels[1, 1, 1] == 2 and labels[2, 3, 3] == 3

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import LungsNotFoundError, WeightsError
+from ..grid import bbox
 from ..models.deepsc import ARCHITECTURE, DeepSCConfig, DeepSCCovid, evidence_map, lesion_probability
 from ..progress import ProgressCallback
 from ..result import CLASS_KEYS, LungMasks, Provenance
@@ -60,15 +61,10 @@ class PreparedScan:
 
 def lung_box(lung: np.ndarray, spacing_zyx: Sequence[float], margin_mm: float = BOX_MARGIN_MM) -> Tuple[slice, slice, slice]:
     """Bounding box of ``lung`` grown by ``margin_mm``, clipped to the array."""
-    if not lung.any():
+    box = bbox(lung, [int(np.ceil(margin_mm / s)) for s in spacing_zyx])
+    if box is None:
         raise LungsNotFoundError("No lung voxels were found, so DeepSC-COVID cannot run. Check that the scan covers the chest.")
-    box = []
-    for ax in range(3):
-        other = tuple(i for i in range(3) if i != ax)
-        idx = np.flatnonzero(lung.any(axis=other))
-        m = int(np.ceil(margin_mm / spacing_zyx[ax]))
-        box.append(slice(max(0, int(idx[0]) - m), min(lung.shape[ax], int(idx[-1]) + 1 + m)))
-    return tuple(box)  # type: ignore[return-value]
+    return box
 
 
 def _resize(t: torch.Tensor, size: Sequence[int], mode: str = "trilinear") -> torch.Tensor:

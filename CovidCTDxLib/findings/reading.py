@@ -22,6 +22,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional
 
+from ..result import Result
+from .metrics import compute_findings
+
 COUNT_COVID, COUNT_CAP = 4, 1
 DENSE_HU = -100.0
 DENSE_SHARE_COVID, DENSE_SHARE_CAP = 15.0, 30.0
@@ -84,3 +87,15 @@ def read_findings(findings) -> Reading:
     else:
         label = "indeterminate"
     return Reading(label, reasons, len(covid), len(cap))
+
+
+def run_findings_stage(result: Result) -> None:
+    """Findings from the Result's lungs, zones and lesions, and the rule-based reading of them.
+
+    One function for the pipeline and for the recompute after an edit (CLI ``findings``, the
+    Slicer bridge), so every front door shows the same reading of the same findings. It lives
+    here, beside the reading, so that ``findings.recompute`` need not import the pipeline
+    (which imports the stages): no package-level import cycle.
+    """
+    result.findings = compute_findings(result.ct, result.lungs, result.lesions, result.zones)
+    result.reading = read_findings(result.findings)

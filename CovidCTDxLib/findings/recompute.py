@@ -2,7 +2,7 @@
 
 Why a module of its own: the edit → recompute loop is the same in Slicer and on the
 command line; here it starts from files (a seg.nrrd saved from Slicer, cropped or not),
-in the Slicer bridge from a segmentation node. Both end in ``pipeline.run_findings_stage``
+in the Slicer bridge from a segmentation node. Both end in ``findings.reading.run_findings_stage``
 (``findings.metrics.compute_findings`` and the rule-based reading).
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ from ..io.results import FILES, result_from_outputs, write_outputs
 from ..io.segmentation_file import read_segmentation
 from ..result import LesionMasks, LungMasks, Result
 from ..volume import CTVolume
+from .reading import run_findings_stage
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,6 @@ def findings_from_masks(ct: CTVolume, masks: Mapping[str, np.ndarray], source: s
     """
     from ..lesions.density import split_lesion_types
     from ..lungs.zones import compute_zones
-    from ..pipeline import run_findings_stage
 
     missing = [k for k in ("right_lung", "left_lung", "lesion") if k not in masks]
     if "lesion" in missing or (missing and not remask_missing_lungs):

@@ -54,11 +54,10 @@ import logging
 from typing import Optional, Tuple
 
 import numpy as np
-import SimpleITK as sitk
 from scipy import ndimage as ndi
 from scipy.spatial import ConvexHull, QhullError
 
-from ..grid import ball_kernel, bbox, block_mean, paste_nearest
+from ..grid import bbox, block_mean, opening_inplane_mm, paste_nearest, within_mm
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +129,7 @@ def enclosed_disease(
     ray_spacing = tuple(s * f for s, f in zip(spacing_zyx, factors))
     codes = _ray_codes(lung, other_lung, cage, airways, soft_tissue, factors, fat)
     own = codes == _OWN
-    candidates = _near(own, RAY_RADIUS_MM, ray_spacing) & (codes == _PASS)
+    candidates = within_mm(own, ray_spacing, RAY_RADIUS_MM) & (codes == _PASS)
     keep = np.zeros(codes.shape, bool)
     idx = np.nonzero(candidates)
     if idx[0].size:
@@ -140,7 +139,7 @@ def enclosed_disease(
     # part of them can be disease next to a kept cell: they follow their kept neighbours.
     edge = ndi.binary_dilation(keep, np.ones((3, 3, 3), bool)) & (own | (codes == _BONE))
     decided = paste_nearest(keep | edge, lung.shape, factors) & soft_tissue
-    added = _touching(_open_inplane(decided, OPENING_MM, spacing_zyx), lung)
+    added = _touching(opening_inplane_mm(decided, spacing_zyx, OPENING_MM, min_radius_vox=1), lung)
     added = _with_mass_rims(added, decided, spacing_zyx)
     log.debug("enclosure fill: %d voxels added to a lung of %d", int(added.sum()), int(lung.sum()))
     return added
@@ -198,14 +197,6 @@ def _ray_codes(lung, other_lung, cage, airways, soft_tissue, factors, fat=None) 
     codes[_block_share(other_lung | airways, factors) >= 0.5] = _OTHER
     codes[_block_share(cage, factors) > 0] = _BONE
     return codes
-
-
-def _near(mask: np.ndarray, radius_mm: float, spacing) -> np.ndarray:
-    """Cells within ``radius_mm`` of ``mask`` (Maurer distance, multithreaded)."""
-    img = sitk.GetImageFromArray(mask.astype(np.uint8))
-    img.SetSpacing([float(s) for s in reversed(spacing)])
-    dist = sitk.SignedMaurerDistanceMap(img, insideIsPositive=False, squaredDistance=False, useImageSpacing=True)
-    return sitk.GetArrayViewFromImage(dist) <= radius_mm
 
 
 def _directions(n: int) -> np.ndarray:
@@ -285,18 +276,6 @@ def _spread_order(n: int) -> np.ndarray:
     number coprime with ``n``), so escaping candidates are dropped early."""
     stride = next(k for k in range(int(n * 0.38), n) if np.gcd(k, n) == 1)
     return (np.arange(n) * stride) % n
-
-
-def _open_inplane(mask: np.ndarray, radius_mm: float, spacing_zyx) -> np.ndarray:
-    """In-plane opening by an elliptic disk of ``radius_mm``, on the mask's bounding box
-    (an opening never grows a mask)."""
-    box = bbox(mask, (0, 0, 0))
-    if box is None:
-        return mask
-    ry, rx = (max(1, round(radius_mm / s)) for s in spacing_zyx[1:])
-    out = np.zeros_like(mask)
-    out[box] = ndi.binary_opening(mask[box], structure=ball_kernel([rx, ry, 0]), border_value=0)
-    return out
 
 
 def _with_mass_rims(added: np.ndarray, decided: np.ndarray, spacing_zyx) -> np.ndarray:

@@ -40,9 +40,16 @@ from skimage.segmentation import watershed
 from ..errors import LungsNotFoundError
 from ..grid import (
     ball_kernel,
-    ball_radius_vox,
     bbox,
     block_mean,
+    closing_distance_mm,
+    components,
+    dilate,
+    disc_mm,
+    fill_holes_2d,
+    inplane_cross,
+    inside_distance_mm,
+    opening_inplane_mm,
     paste_linear,
     paste_nearest,
 )
@@ -135,6 +142,8 @@ BONE_NOISE_SD = 4.0
 #: tissue passes through this range too. Without the opening the CAP-severe left lung
 #: drops from Dice 0.978 to 0.969; -150..-50 HU gives the same masks (+-0.0004).
 FAT_HU = (-190.0, -30.0)
+#: The one-voxel ball (SimpleITK radius 1) by which the airways and the lungs are grown.
+_ONE_VOXEL_BALL = ball_kernel([1, 1, 1])
 
 
 @dataclass
@@ -197,7 +206,7 @@ def segment_lungs(
         model_provenance = dict(describe()) if callable(describe) else None
     else:
         report(0.5, "Lung masking: left/right split")
-        lungs = air & ~_dilate(airways, 1)
+        lungs = air & ~dilate(airways, _ONE_VOXEL_BALL)
         labels = _split_left_right(lungs, body, sides, grid)
         report(0.65, "Lung masking: filling dense disease")
         labels = _fill_disease(labels, _denoise(coarse), body, airways, grid)
@@ -210,7 +219,7 @@ def segment_lungs(
         airways_full[box] &= ~(right[box] | left[box])
     # The body holds the lungs: the coarse lungs dilated by one voxel cover their
     # interpolated full-resolution outline.
-    body_full = paste_nearest(body | _dilate(labels > 0, 1), hu.shape, grid.factors)
+    body_full = paste_nearest(body | dilate(labels > 0, _ONE_VOXEL_BALL), hu.shape, grid.factors)
     masks = LungMasks(
         right=frame.from_canonical(right),
         left=frame.from_canonical(left),
@@ -262,57 +271,20 @@ def _denoise(coarse: np.ndarray) -> np.ndarray:
     return median
 
 
-def _dilate(mask: np.ndarray, radius_vox: int) -> np.ndarray:
-    """Ball dilation, computed on the mask's bounding box grown by the radius."""
-    out = mask.copy()
-    box = bbox(mask, [radius_vox] * 3)
-    if box is None:
-        return out
-    img = sitk.GetImageFromArray(mask[box].astype(np.uint8))
-    dilated = sitk.BinaryDilate(img, [radius_vox] * 3, sitk.sitkBall)  # must outlive its array view
-    out[box] = sitk.GetArrayViewFromImage(dilated).view(bool)
-    return out
-
-
-def _fill_holes_2d(mask: np.ndarray) -> np.ndarray:
-    """Fill holes in every axial slice (structure without z connectivity), on the mask's
-    bounding box (a hole never lies outside it)."""
-    out = mask.copy()
-    box = bbox(mask, (0, 0, 0))
-    if box is None:
-        return out
-    structure = np.zeros((3, 3, 3), bool)
-    structure[1] = ndi.generate_binary_structure(2, 1)
-    out[box] = ndi.binary_fill_holes(mask[box], structure=structure)
-    return out
-
-
-def _components(mask: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """Label 3D components (face connectivity), sorted by size; returns labels and sizes."""
-    cc = sitk.RelabelComponent(sitk.ConnectedComponent(sitk.GetImageFromArray(mask.astype(np.uint8))))
-    labels = sitk.GetArrayFromImage(cc)
-    sizes = np.bincount(labels.ravel())
-    return labels, sizes
-
-
 # --------------------------------------------------------------------------- steps
 def _body_mask(coarse: np.ndarray, grid: _Grid) -> np.ndarray:
     """The patient's body, without the table, with internal air (lungs) included."""
     tissue = coarse > BODY_HU
-    r = ball_radius_vox(TABLE_OPENING_MM, grid.spacing_zyx)
-    r[2] = 0  # open in-plane only: thick slices must not lose the apex or base slice
-    kernel = ball_kernel(r)
-    # scipy's flat-kernel opening: same result as SimpleITK's, 6x faster at these radii.
-    opened = sitk.GetImageFromArray(ndi.binary_opening(tissue, structure=kernel).astype(np.uint8))
-    largest = sitk.GetArrayFromImage(sitk.RelabelComponent(sitk.ConnectedComponent(opened)) == 1).astype(bool)
+    # In-plane only: thick slices must not lose the apex or base slice.
+    largest = components(opening_inplane_mm(tissue, grid.spacing_zyx, TABLE_OPENING_MM))[0] == 1
     # Geodesic reconstruction gives back the skin detail the opening removed, but not the
     # table, which only touches the body through thin bridges.
-    limit = tissue & ndi.binary_dilation(largest, structure=kernel)
+    limit = tissue & dilate(largest, disc_mm(grid.spacing_zyx, TABLE_OPENING_MM))
     recon = sitk.ReconstructionByDilation(sitk.GetImageFromArray(largest.astype(np.uint8)), sitk.GetImageFromArray(limit.astype(np.uint8)))
     body = sitk.GetArrayFromImage(recon).astype(bool)
     if not body.any():
         raise LungsNotFoundError("No body was found in the image: it contains no soft tissue region.")
-    return _fill_holes_2d(body)
+    return fill_holes_2d(body)
 
 
 def _lung_air(coarse: np.ndarray, body: np.ndarray, grid: _Grid) -> np.ndarray:
@@ -324,7 +296,7 @@ def _lung_air(coarse: np.ndarray, body: np.ndarray, grid: _Grid) -> np.ndarray:
     emphysema is as dark as gas, so HU cannot tell them apart while position can.
     """
     air = (coarse < LUNG_AIR_HU) & body
-    labels, sizes = _components(air)
+    labels, sizes = components(air)
     keep = np.zeros(len(sizes), bool)
     found = []
     min_vox = MIN_LUNG_COMPONENT_ML / grid.voxel_ml
@@ -343,7 +315,7 @@ def _lung_air(coarse: np.ndarray, body: np.ndarray, grid: _Grid) -> np.ndarray:
                 continue
             if cage is None:
                 cage = _rib_cage_hull((coarse > BONE_HU) & body)  # not the table
-                depth = _inside_distance(body, grid.spacing_zyx)
+                depth = inside_distance_mm(body, grid.spacing_zyx)
             if float(np.mean(depth[component] < CHEST_WALL_MIN_MM)) > MAX_OUTSIDE_SHARE:
                 log.info("air region of %.0f mL in the chest wall", sizes[lab] * grid.voxel_ml)
                 continue
@@ -426,9 +398,7 @@ def _widest_section_mm2(region: np.ndarray, grid: _Grid) -> float:
     box = bbox(region, (0, 0, 0))
     if box is None:
         return 0.0
-    structure = np.zeros((3, 3, 3), bool)
-    structure[1] = ndi.generate_binary_structure(2, 1)  # in-plane pieces only
-    labels, _ = ndi.label(region[box], structure=structure)
+    labels, _ = ndi.label(region[box], structure=inplane_cross())  # in-plane pieces only
     return float(np.bincount(labels.ravel())[1:].max()) * grid.spacing_zyx[1] * grid.spacing_zyx[2]
 
 
@@ -524,7 +494,7 @@ def _split_left_right(lungs: np.ndarray, body: np.ndarray, sides: _SideNamer, gr
     eroded (distance-transform threshold, in mm) until it falls apart into two comparable
     parts, which then regrow into the whole mask by a watershed on the distance map.
     """
-    labels, sizes = _components(lungs)
+    labels, sizes = components(lungs)
     min_vox = MIN_LUNG_COMPONENT_ML / grid.voxel_ml
     big = [i for i in range(1, len(sizes)) if sizes[i] >= min_vox]
     if not big:
@@ -546,7 +516,7 @@ def _split_left_right(lungs: np.ndarray, body: np.ndarray, sides: _SideNamer, gr
     if separate:  # two components already: nothing to regrow
         grown = markers
     else:
-        grown = watershed(-_inside_distance(lungs, grid.spacing_zyx), markers, mask=lungs)
+        grown = watershed(-inside_distance_mm(lungs, grid.spacing_zyx), markers, mask=lungs)
     # Pieces not connected to either lung go to the side whose centroid is nearer in x.
     rest = lungs & (grown == 0)
     if rest.any():
@@ -563,11 +533,11 @@ def _split_left_right(lungs: np.ndarray, body: np.ndarray, sides: _SideNamer, gr
 
 def _erode_until_two(lung: np.ndarray, grid: _Grid) -> np.ndarray:
     """Markers (1, 2) of two lungs found by eroding a joined mask; one marker if none."""
-    dist = _inside_distance(lung, grid.spacing_zyx)
+    dist = inside_distance_mm(lung, grid.spacing_zyx)
     step = min(grid.spacing_zyx[1:])
     d = step
     while d < dist.max():
-        labels, sizes = _components(dist > d)
+        labels, sizes = components(dist > d)
         if len(sizes) > 2 and sizes[2] >= 0.1 * sizes[1]:
             markers = np.zeros(lung.shape, np.int32)
             markers[labels == 1] = 1
@@ -575,16 +545,6 @@ def _erode_until_two(lung: np.ndarray, grid: _Grid) -> np.ndarray:
             return markers
         d += step
     return lung.astype(np.int32)
-
-
-def _inside_distance(mask: np.ndarray, spacing_zyx) -> np.ndarray:
-    """Distance (mm) of every voxel inside ``mask`` to its border, 0 outside.
-
-    SimpleITK's Maurer transform is multithreaded (scipy's EDT is not)."""
-    img = sitk.GetImageFromArray(mask.astype(np.uint8))
-    img.SetSpacing([float(s) for s in reversed(spacing_zyx)])
-    dist = sitk.SignedMaurerDistanceMap(img, insideIsPositive=True, squaredDistance=False, useImageSpacing=True)
-    return np.maximum(sitk.GetArrayFromImage(dist), 0.0)
 
 
 # --------------------------------------------------------------------------- dense disease
@@ -608,15 +568,15 @@ def _fill_disease(labels, coarse, body, airways, grid) -> np.ndarray:
     """
     out = np.zeros_like(labels)
     bone = coarse > BONE_HU
-    near_airways = _dilate(airways, 1)
+    near_airways = dilate(airways, _ONE_VOXEL_BALL)
     forbidden = ~body | near_airways | bone
     for side in (1, 2):
         m = labels == side
         if not m.any():
             continue
         allowed = ~forbidden & (labels != 3 - side)
-        m |= _close_mm(m, CLOSING_RADIUS_MM, grid.spacing_zyx) & allowed
-        m = _fill_holes_2d(m)
+        m |= closing_distance_mm(m, grid.spacing_zyx, CLOSING_RADIUS_MM) & allowed
+        m = fill_holes_2d(m)
         out[m & (out == 0)] = side
     soft_tissue = body & (coarse >= LUNG_AIR_HU) & ~bone & ~near_airways
     cage = bony_cage(bone, grid.spacing_zyx[0])
@@ -651,28 +611,10 @@ def _refill_near(out: np.ndarray, side: int, lung: np.ndarray, added: np.ndarray
         return
     read = bbox(added, [2 * r for r in reach])
     inner = tuple(slice(w.start - r.start, w.stop - r.start) for w, r in zip(write, read))
-    closed = lung[read] | (_close_mm(lung[read], CLOSING_RADIUS_MM, grid.spacing_zyx) & ~forbidden[read])
-    m = _fill_holes_2d(closed[inner])
+    closed = lung[read] | (closing_distance_mm(lung[read], grid.spacing_zyx, CLOSING_RADIUS_MM) & ~forbidden[read])
+    m = fill_holes_2d(closed[inner])
     target = out[write]  # a view: written in place
     target[m & (target == 0)] = side
-
-
-def _close_mm(mask: np.ndarray, radius_mm: float, spacing_zyx) -> np.ndarray:
-    """Binary closing by a ball of ``radius_mm`` via two distance maps (cost independent
-    of the radius, unlike a structuring-element closing), computed only on the mask's
-    bounding box grown by the radius (a closing never reaches further)."""
-    box = bbox(mask, [int(np.ceil(radius_mm / s)) + 1 for s in spacing_zyx])
-    out = mask.copy()
-    if box is None:
-        return out
-    img = sitk.GetImageFromArray(mask[box].astype(np.uint8))
-    img.SetSpacing([float(s) for s in reversed(spacing_zyx)])
-    dist_out = sitk.SignedMaurerDistanceMap(img, insideIsPositive=False, squaredDistance=False, useImageSpacing=True)
-    dilated = dist_out <= radius_mm
-    dist_in = sitk.SignedMaurerDistanceMap(dilated, insideIsPositive=True, squaredDistance=False, useImageSpacing=True)
-    closed = dist_in >= radius_mm  # must outlive its array view
-    out[box] |= sitk.GetArrayViewFromImage(closed).view(bool)
-    return out
 
 
 # --------------------------------------------------------------------------- model hook

@@ -34,7 +34,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from ..errors import LungsNotFoundError
-from ..grid import bbox
+from ..grid import bbox, paste_nearest
 from ..result import LungZones
 from ..volume import LPS_SUPERIOR, CTVolume
 
@@ -159,5 +159,5 @@ def _shell(sub: np.ndarray, spacing_xyz, thickness_mm: float) -> np.ndarray:
     for k in np.flatnonzero(inner.any(axis=(1, 2))):
         near[k] = ndi.distance_transform_edt(inner[k], sampling=(sy * fy, sx * fx)) <= thickness_mm
     if fy > 1 or fx > 1:
-        near = np.repeat(np.repeat(near, fy, axis=1), fx, axis=2)[:, :ny, :nx]
+        near = paste_nearest(near, sub.shape, (1, fy, fx))
     return sub & near

@@ -243,14 +243,14 @@ def make_phantom(
     rng = np.random.default_rng(seed)
     sev, lvr = _resolve_lvr(kind, severity, lvr_percent, rng)
 
-    # Canonical (identity-direction) shape/spacing: LPS axis p gets the array axis whose
-    # direction column points along p.
-    if perm is None:
+    # Canonical (identity-direction) shape (z, y, x) and spacing (x, y, z): the frame's array
+    # axis for superior, posterior and left, and the spacing of each.
+    frame = None if perm is None else CanonicalFrame.for_direction(perm)
+    if frame is None:
         cshape, cspacing = shape, spacing
     else:
-        idx_axis_for_lps = [int(np.argmax(np.abs(perm[p]))) for p in range(3)]  # i/j/k axis along L, P, S
-        cspacing = tuple(spacing[c] for c in idx_axis_for_lps)
-        cshape = tuple(shape[2 - idx_axis_for_lps[p]] for p in (2, 1, 0))
+        cshape = tuple(shape[a] for a in frame.perm)
+        cspacing = tuple(spacing[2 - a] for a in reversed(frame.perm))
     grid = CanonicalGrid(cshape, cspacing)
     nz, ny, nx = cshape
 
@@ -349,10 +349,9 @@ def make_phantom(
         achieved = 100.0 * sum(n_lesion.values()) / grower.n_lung if grower is not None else 0.0
 
         arrays = [ct_array, right, left, airways, body, lesion, lesion_type, lobes]
-        if perm is None:
+        if frame is None:
             ct = CTVolume(ct_array, spacing, grid.origin, np.eye(3))
         else:
-            frame = CanonicalFrame.for_direction(perm)
             arrays = [frame.from_canonical(a) for a in arrays]
             centre = np.array([(n - 1) / 2.0 for n in shape[::-1]])  # (i, j, k)
             origin = -(perm @ np.diag(spacing) @ centre)

@@ -23,6 +23,7 @@ import numpy as np
 from scipy import fft as sfft
 from scipy import ndimage as ndi
 
+from ..grid import bbox
 from ..volume import LPS_LEFT, LPS_POSTERIOR, LPS_SUPERIOR, CTVolume
 
 log = logging.getLogger(__name__)
@@ -185,18 +186,6 @@ def _smooth_field(rng: np.random.Generator, shape: Sequence[int], sigma_vox: Seq
     field = field[tuple(slice(0, n) for n in shape)]
     std = float(field.std())
     return (field - float(field.mean())) / std if std > 0 else field
-
-
-def _bbox(mask: np.ndarray, margin: Sequence[int] = (0, 0, 0)) -> Tuple[slice, ...]:
-    """Bounding box of a non-empty mask, grown by ``margin`` voxels per axis."""
-    out = []
-    for axis in range(mask.ndim):
-        other = tuple(a for a in range(mask.ndim) if a != axis)
-        hits = np.flatnonzero(mask.any(axis=other))
-        lo = max(0, int(hits[0]) - margin[axis])
-        hi = min(mask.shape[axis], int(hits[-1]) + 1 + margin[axis])
-        out.append(slice(lo, hi))
-    return tuple(out)
 
 
 def _lps_of(ct: CTVolume, zyx: np.ndarray) -> np.ndarray:
@@ -424,7 +413,7 @@ def insert_emphysema(
         box, ball = _ball(ct, centre, float(rng.uniform(*BULLA_RADIUS_MM)))
         bullae[box] |= ball & region[box]
     target = int(round(fraction * region.sum())) - int(bullae.sum())
-    box = _bbox(region)
+    box = bbox(region)
     sub_region = region[box] & ~bullae[box]
     clusters = np.zeros(ct.shape, dtype=bool)
     if target > 0 and sub_region.any():
@@ -511,7 +500,7 @@ def _air_bronchograms(ct: CTVolume, region: np.ndarray, seed_zyx: np.ndarray,
     tubes = np.zeros(region.shape, dtype=bool)
     if count <= 0:
         return tubes
-    box = _bbox(region)
+    box = bbox(region)
     xyz = _box_lps(ct, box)
     voxels = np.argwhere(region)
     start_lps = _lps_of(ct, seed_zyx[None, :])[0]
@@ -534,7 +523,7 @@ def _paint_dense(ct: CTVolume, out: np.ndarray, region: np.ndarray, lung: np.nda
                  hu: float, texture_hu: float, rng: np.random.Generator) -> None:
     """Replace ``region`` by textured soft tissue with a PSF-wide partial-volume rim that
     stays inside the lung (the neighbouring mediastinum or wall is not touched)."""
-    box = _bbox(region, [int(math.ceil(3 * PSF_SIGMA_MM / s)) + 1 for s in ct.spacing_zyx])
+    box = bbox(region, [int(math.ceil(3 * PSF_SIGMA_MM / s)) + 1 for s in ct.spacing_zyx])
     texture = hu + texture_hu * _smooth_field(rng, out[box].shape,
                                               _sigma_vox(ct, TEXTURE_SIGMA_MM))
     rim = ndi.gaussian_filter(region[box].astype(np.float32), _sigma_vox(ct, PSF_SIGMA_MM))
@@ -604,7 +593,7 @@ def insert_consolidation(
 # --------------------------------------------------------------------------- blobs (GGO)
 def _lung_depth_mm(ct: CTVolume, lung: np.ndarray) -> Tuple[Tuple[slice, ...], np.ndarray]:
     """Distance (mm) of each lung voxel to the lung surface, on the lung's bounding box."""
-    box = _bbox(lung, (1, 1, 1))
+    box = bbox(lung, (1, 1, 1))
     return box, ndi.distance_transform_edt(lung[box], sampling=ct.spacing_zyx)
 
 
@@ -632,7 +621,7 @@ def _insert_blobs(ct: CTVolume, lung: np.ndarray, n_blobs: int, radius_mm: Tuple
             rng, shape, _sigma_vox(ct, max(MARGIN_SIGMA_MM, radius / 2))))
         m = 1.0 / (1.0 + np.exp(np.clip((d - r) / GGO_EDGE_MM, -30, 30)))
         membership[blob_box] = np.maximum(membership[blob_box], m * lung[blob_box])
-    hit = _bbox(membership > 0)
+    hit = bbox(membership > 0)
     texture = np.clip(hu + hu_sd * _smooth_field(rng, out[hit].shape,
                                                   _sigma_vox(ct, TEXTURE_SIGMA_MM)), *hu_range)
     orig = out[hit]
