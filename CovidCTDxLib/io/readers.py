@@ -321,6 +321,12 @@ class _DicomScan:
     unreadable: List[Tuple[Path, str]]
 
 
+#: Storage SOP classes of images (CT, MR, ...): a file of one of them must carry a series.
+_IMAGE_STORAGE_PREFIX = "1.2.840.10008.5.1.4.1.1."
+#: Why an image file without a readable data set is refused.
+TRUNCATED_HEADER = "an image file whose data set ends early (truncated?)"
+
+
 def _pixel_problem(ds) -> str:
     """Whether an image's pixel data is complete, judged from its byte length (nothing decoded).
 
@@ -359,6 +365,11 @@ def _scan_dicom_folder(folder: Path) -> _DicomScan:
             unreadable.append((entry, _first_line(exc)))
             continue
         if "SeriesInstanceUID" not in ds:
+            sop_class = str(getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", ""))
+            if sop_class.startswith(_IMAGE_STORAGE_PREFIX):
+                # An image whose data set pydicom could not parse to its end: cut off (the
+                # file meta survived, the rest was lost), not a note to skip silently.
+                unreadable.append((entry, TRUNCATED_HEADER))
             continue
         modality = str(getattr(ds, "Modality", "")).upper()
         position = tuple(float(v) for v in getattr(ds, "ImagePositionPatient", []) or [])
@@ -442,7 +453,7 @@ def _refuse_damaged_slices(folder: Path, series: List[_DicomFile], unreadable: L
     typical = float(np.median([f.path.stat().st_size for f in series]))
     damaged = [
         (p, why) for p, why in unreadable
-        if p.suffix.lower() == ".dcm" or 0.5 * typical <= p.stat().st_size <= 2.0 * typical
+        if p.suffix.lower() == ".dcm" or why == TRUNCATED_HEADER or 0.5 * typical <= p.stat().st_size <= 2.0 * typical
     ]
     if damaged:
         raise InputError(
