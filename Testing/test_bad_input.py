@@ -436,7 +436,7 @@ def test_dicom_gap_is_refused_by_position_or_resampled_and_recorded(tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["garbage_header", "truncated_pixels", "truncated_data_set_at_the_edge"])
-def test_damaged_dicom_slice_is_named_before_decoding(tmp_path, damage):
+def test_damaged_dicom_slice_is_named_before_decoding(tmp_path, caplog, damage):
     """A damaged slice is named; one at the end of the series leaves no gap to give it away."""
     from CovidCTDxLib.errors import InputError
     from CovidCTDxLib.io.readers import read_ct
@@ -458,6 +458,7 @@ def test_damaged_dicom_slice_is_named_before_decoding(tmp_path, damage):
         read_ct(files[0].parent)
     assert victim.name in str(info.value)
     assert time.monotonic() - start < 5
+    assert not [r for r in caplog.records if r.name.startswith("pydicom")]  # the one line names it, no log noise
 
 
 def test_findings_into_the_runs_own_folder_keeps_the_other_stages(phantom_path, tmp_path):

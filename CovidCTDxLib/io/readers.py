@@ -349,11 +349,25 @@ def _pixel_problem(ds) -> str:
 
 def _scan_dicom_folder(folder: Path) -> _DicomScan:
     """Read every DICOM file's header and raw pixel bytes (nothing decoded: ~0.5 s for 150 slices)."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
 
     found: List[_DicomFile] = []
     unreadable: List[Tuple[Path, str]] = []
+    # pydicom also logs what it warns about (e.g. a truncated file's missing delimiter): the
+    # damaged file is named in our one-line error instead.
+    pydicom_log = logging.getLogger("pydicom")
+    level = pydicom_log.level
+    pydicom_log.setLevel(logging.ERROR)
+    try:
+        _scan_entries(folder, found, unreadable)
+    finally:
+        pydicom_log.setLevel(level)
+    return _DicomScan(found, unreadable)
+
+
+def _scan_entries(folder: Path, found: List[_DicomFile], unreadable: List[Tuple[Path, str]]) -> None:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
     for entry in sorted(folder.iterdir()):
         if not entry.is_file() or entry.stat().st_size == 0:
             continue
@@ -388,7 +402,6 @@ def _scan_dicom_folder(folder: Path) -> _DicomScan:
                 pixel_problem=_pixel_problem(ds),
             )
         )
-    return _DicomScan(found, unreadable)
 
 
 def read_dicom_series(
