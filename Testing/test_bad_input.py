@@ -346,3 +346,226 @@ def test_a_pickle_checkpoint_as_lung_model_is_refused_unread(phantom_path, tmp_p
     assert main(["-q", "run", str(phantom_path), "-o", str(out), "--lung-model", str(model)]) == EXIT_USER_ERROR
     assert "pickle" in _one_line_error(capsys)
     assert not out.exists() or not any(out.iterdir())
+
+
+# --------------------------------------------------------------------------- issue 18: every case through the CLI
+def _refused(argv, capsys, *needles) -> str:
+    assert main(["-q", *argv]) == EXIT_USER_ERROR
+    err = _one_line_error(capsys)
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+def _nifti_without_spacing(phantom_path: Path, path: Path, pixdim) -> Path:
+    """The phantom as NIfTI with qform/sform codes 0 and the given pixdim (x, y, z)."""
+    import struct
+
+    sitk.WriteImage(sitk.ReadImage(str(phantom_path)), str(path))
+    header = bytearray(path.read_bytes())
+    for i, value in enumerate(pixdim):
+        struct.pack_into("<f", header, 80 + 4 * i, value)
+    struct.pack_into("<hh", header, 252, 0, 0)
+    path.write_bytes(bytes(header))
+    return path
+
+
+@pytest.mark.parametrize("case", ["nifti_z0", "nifti_y_nan", "nrrd_no_spacing"])
+def test_unknown_spacing_is_refused_not_taken_as_1mm(phantom_path, tmp_path, capsys, case):
+    import nrrd
+
+    if case == "nrrd_no_spacing":
+        path = tmp_path / "raw.nrrd"
+        array = sitk.GetArrayFromImage(sitk.ReadImage(str(phantom_path))).transpose(2, 1, 0)
+        nrrd.write(str(path), array, {"encoding": "raw"})
+    else:
+        pixdim = (2.2, 2.2, 0.0) if case == "nifti_z0" else (2.2, float("nan"), 4.0)
+        path = _nifti_without_spacing(phantom_path, tmp_path / "ct.nii", pixdim)
+    out = tmp_path / "out"
+    _refused(["run", str(path), "-o", str(out)] + FAST, capsys, "spacing is unknown", "--spacing")
+    assert not out.exists() or not any(out.iterdir())
+    # The explicit override runs, and says where the spacing came from.
+    assert main(["-q", "run", str(path), "-o", str(out), "--spacing", "2.2,2.2,4.0"] + FAST) == 0
+    r = json.loads((out / "results.json").read_text())
+    assert r["input"]["spacing_mm"] == [2.2, 2.2, 4.0]
+    assert any("given by the user" in w for w in r["input"]["warnings"])
+    assert 4000 < r["lungs"]["right_ml"] + r["lungs"]["left_ml"] < 9000
+
+
+@pytest.mark.parametrize("fill", ["inf", "all_nan"])
+def test_inf_and_all_nan_nifti_are_refused(phantom_path, tmp_path, capsys, fill):
+    image = sitk.ReadImage(str(phantom_path), sitk.sitkFloat32)
+    array = sitk.GetArrayFromImage(image)
+    if fill == "inf":
+        array[30, 80, 80] = -np.inf
+    else:
+        array[:] = np.nan
+    bad = sitk.GetImageFromArray(array)
+    bad.CopyInformation(image)
+    path = tmp_path / "bad.nii.gz"
+    sitk.WriteImage(bad, str(path))
+    err = _refused(["run", str(path), "-o", str(tmp_path / "out")] + FAST, capsys, "NaN or infinite value(s)")
+    assert ("1 NaN" in err) if fill == "inf" else (f"{array.size} NaN" in err)
+
+
+def _dicom_series(tmp_path: Path) -> list:
+    """A small CT series, its files sorted along the slice normal."""
+    import pydicom
+    from dicom_factory import write_series
+    from test_io import tiny_chest
+
+    folder = tmp_path / "dicom"
+    write_series(tiny_chest(shape=(30, 96, 96)), folder)
+    return sorted(folder.glob("*.dcm"), key=lambda p: float(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[2]))
+
+
+def test_dicom_gap_is_refused_by_position_or_resampled_and_recorded(tmp_path):
+    from CovidCTDxLib.errors import InputError
+    from CovidCTDxLib.io.readers import read_ct
+
+    files = _dicom_series(tmp_path)
+    for f in files[12:16]:
+        f.unlink()
+    with pytest.raises(InputError, match=r"slices are missing: 1 gap.*15\.0 mm") as info:
+        read_ct(files[0].parent)
+    assert files[11].name in str(info.value) and files[16].name in str(info.value)
+    ct = read_ct(files[0].parent, resample_gaps=True)
+    assert ct.shape[0] == 30 and ct.spacing[2] == pytest.approx(3.0)
+    (gap,) = ct.metadata["resampled_gaps"]
+    assert gap["gap_mm"] == pytest.approx(15.0) and gap["files"] == [files[11].name, files[16].name]
+
+
+@pytest.mark.parametrize("damage", ["garbage_header", "truncated_pixels", "truncated_data_set_at_the_edge"])
+def test_damaged_dicom_slice_is_named_before_decoding(tmp_path, caplog, damage):
+    """A damaged slice is named; one at the end of the series leaves no gap to give it away."""
+    from CovidCTDxLib.errors import InputError
+    from CovidCTDxLib.io.readers import read_ct
+
+    files = _dicom_series(tmp_path)
+    victim = files[-1] if damage == "truncated_data_set_at_the_edge" else files[15]
+    data = victim.read_bytes()
+    if damage == "garbage_header":
+        victim.write_bytes(os.urandom(400) + data[400:])
+    elif damage == "truncated_pixels":
+        victim.write_bytes(data[: len(data) * 2 // 3])
+    else:
+        import struct
+
+        meta_end = 144 + struct.unpack_from("<I", data, 140)[0]  # preamble, DICM, (0002,0000) UL = meta length
+        victim.write_bytes(data[: meta_end + 6])  # the file meta survives, the data set is cut off in its first element
+    start = time.monotonic()
+    with pytest.raises(InputError, match="cannot be read|not readable DICOM") as info:
+        read_ct(files[0].parent)
+    assert victim.name in str(info.value)
+    assert time.monotonic() - start < 5
+    assert not [r for r in caplog.records if r.name.startswith("pydicom")]  # the one line names it, no log noise
+
+
+def test_findings_into_the_runs_own_folder_keeps_the_other_stages(phantom_path, tmp_path):
+    out = tmp_path / "run"
+    assert main(["-q", "run", str(phantom_path), "-o", str(out)]) == 0
+    before = json.loads((out / "results.json").read_text())
+    evidence = (out / "evidence.nrrd").read_bytes()
+    assert main(["-q", "findings", str(phantom_path), str(out / "segmentation.seg.nrrd"), "-o", str(out)]) == 0
+    after = json.loads((out / "results.json").read_text())
+    assert after["classification"] == before["classification"] and after["severity"] == before["severity"]
+    assert after["classification"] is not None and (out / "evidence.nrrd").read_bytes() == evidence
+    import nrrd
+
+    names = {v for k, v in nrrd.read_header(str(out / "segmentation.seg.nrrd")).items() if k.endswith("_Name")}
+    assert "DeepSC-COVID lesion" in names
+
+
+def test_segmentation_of_another_scan_is_refused_or_flagged(phantom_path, tmp_path, capsys):
+    import nrrd
+
+    out = tmp_path / "run"
+    assert main(["-q", "run", str(phantom_path), "-o", str(out), "--stages", "lungs,findings"]) == 0
+    data, header = nrrd.read(str(out / "segmentation.seg.nrrd"))
+    origin = np.asarray(header["space origin"], dtype=float)
+    for name, shift in (("away", (0.0, 0.0, 2000.0)), ("beside", (120.0, 0.0, 0.0))):
+        header["space origin"] = origin + np.array(shift)
+        nrrd.write(str(tmp_path / f"{name}.seg.nrrd"), data, header)
+    capsys.readouterr()
+    _refused(["findings", str(phantom_path), str(tmp_path / "away.seg.nrrd"), "-o", str(tmp_path / "f1")], capsys,
+             "does not overlap the CT")
+    assert main(["-q", "findings", str(phantom_path), str(tmp_path / "beside.seg.nrrd"), "-o", str(tmp_path / "f2")]) == 0
+    warned = " ".join(json.loads((tmp_path / "f2" / "results.json").read_text())["input"]["warnings"])
+    assert "resampled onto the CT grid" in warned and "aerated lung on this CT" in warned, warned
+
+
+def test_output_that_is_an_existing_file_is_refused(phantom_path, tmp_path, capsys):
+    target = tmp_path / "results.txt"
+    target.write_text("keep me")
+    _refused(["run", str(phantom_path), "-o", str(target)] + FAST, capsys, "is a file", "Choose another -o")
+    assert target.read_text() == "keep me"
+
+
+def test_weights_and_lung_model_mistakes_are_refused_in_one_short_line(phantom_path, tmp_path, capsys):
+    src = REPO / "Resources" / "weights"
+    out = str(tmp_path / "out")
+    _refused(["run", str(phantom_path), "-o", out, "--weights", str(tmp_path / "nowhere")], capsys, "Weights folder not found")
+    weights = tmp_path / "weights"
+    shutil.copytree(src, weights)
+    (weights / "deepsc_demo.safetensors.sha256").write_text("not a digest\n")
+    _refused(["run", str(phantom_path), "-o", out, "--weights", str(weights)], capsys, "is malformed", "deepsc_demo.safetensors.sha256")
+    _refused(["run", str(phantom_path), "-o", out, "--lung-model", str(weights)], capsys, "is a folder, not a weights file")
+    err = _refused(["run", str(phantom_path), "-o", out, "--lung-model", str(src / "deepsc_demo.safetensors")], capsys,
+                   "does not hold a UNet2D lung model", "deepsc")
+    assert len(err) < 400, err
+    assert not Path(out).exists() or not any(Path(out).iterdir())
+
+
+def test_volume_too_coarse_for_lungs_is_refused_and_thick_slices_are_flagged(phantom_path, tmp_path, capsys):
+    image = sitk.ReadImage(str(phantom_path))
+    coarse = sitk.Resample(image, [8, 8, 8], sitk.Transform(), sitk.sitkLinear, image.GetOrigin(), [25.0] * 3,
+                           image.GetDirection(), -1000)
+    sitk.WriteImage(coarse, str(tmp_path / "coarse.nrrd"))
+    _refused(["run", str(tmp_path / "coarse.nrrd"), "-o", str(tmp_path / "o1")], capsys, "too coarse to hold lungs")
+    thick = sitk.Resample(image, [352, 352, 14], sitk.Transform(), sitk.sitkLinear, image.GetOrigin(), [1.0, 1.0, 20.0],
+                          image.GetDirection(), -1000)
+    sitk.WriteImage(sitk.Cast(thick, sitk.sitkInt16), str(tmp_path / "thick.nrrd"))
+    assert main(["-q", "run", str(tmp_path / "thick.nrrd"), "-o", str(tmp_path / "o2")] + FAST) == 0
+    warnings_ = json.loads((tmp_path / "o2" / "results.json").read_text())["input"]["warnings"]
+    assert any("20.0 mm apart" in w for w in warnings_), warnings_
+
+
+def test_command_line_details(phantom_path, tmp_path, capsys):
+    _refused(["run", str(phantom_path), "-o", str(tmp_path / "o"), "--stages", ""], capsys, "No stage given")
+    # -q after the subcommand silences the progress; stage names as users type them.
+    assert main(["run", str(phantom_path), "-o", str(tmp_path / "o"), "-q", "--stages", "Lungs, DeepSC"]) == 0
+    err = capsys.readouterr().err
+    assert "%" not in err, err
+    r = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert r["classification"] is not None and r["findings"] is None
+    for argv in (["train", "--help"], ["run", "--help"]):
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        assert info.value.code == 0
+    help_text = capsys.readouterr().out
+    assert "--lesion-source" in help_text and "(default: auto)" in " ".join(help_text.split())
+    # The phantom's --shape is x,y,z like --spacing.
+    assert main(["phantom", str(tmp_path / "p.nrrd"), "--shape", "100,120,40", "--spacing", "2,2,5"]) == 0
+    image = sitk.ReadImage(str(tmp_path / "p.nrrd"))
+    assert image.GetSize() == (100, 120, 40) and image.GetSpacing() == (2.0, 2.0, 5.0)
+
+
+def test_second_run_into_a_locked_folder_is_refused(phantom_path, tmp_path, capsys):
+    out = tmp_path / "out"
+    holder = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(REPO)!r})
+        from CovidCTDxLib.io.output_folder import OutputFolder
+        with OutputFolder({str(out)!r}):
+            print("LOCKED", flush=True)
+            time.sleep(120)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", holder], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "LOCKED"
+        _refused(["run", str(phantom_path), "-o", str(out)] + FAST, capsys, "being written by another covidctdx run",
+                 f"PID {proc.pid}")
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+    assert main(["-q", "run", str(phantom_path), "-o", str(out)] + FAST) == 0  # the lock died with its holder

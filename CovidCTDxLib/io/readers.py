@@ -321,6 +321,12 @@ class _DicomScan:
     unreadable: List[Tuple[Path, str]]
 
 
+#: Storage SOP classes of images (CT, MR, ...): a file of one of them must carry a series.
+_IMAGE_STORAGE_PREFIX = "1.2.840.10008.5.1.4.1.1."
+#: Why an image file without a readable data set is refused.
+TRUNCATED_HEADER = "an image file whose data set ends early (truncated?)"
+
+
 def _pixel_problem(ds) -> str:
     """Whether an image's pixel data is complete, judged from its byte length (nothing decoded).
 
@@ -343,11 +349,25 @@ def _pixel_problem(ds) -> str:
 
 def _scan_dicom_folder(folder: Path) -> _DicomScan:
     """Read every DICOM file's header and raw pixel bytes (nothing decoded: ~0.5 s for 150 slices)."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
 
     found: List[_DicomFile] = []
     unreadable: List[Tuple[Path, str]] = []
+    # pydicom also logs what it warns about (e.g. a truncated file's missing delimiter): the
+    # damaged file is named in our one-line error instead.
+    pydicom_log = logging.getLogger("pydicom")
+    level = pydicom_log.level
+    pydicom_log.setLevel(logging.ERROR)
+    try:
+        _scan_entries(folder, found, unreadable)
+    finally:
+        pydicom_log.setLevel(level)
+    return _DicomScan(found, unreadable)
+
+
+def _scan_entries(folder: Path, found: List[_DicomFile], unreadable: List[Tuple[Path, str]]) -> None:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
     for entry in sorted(folder.iterdir()):
         if not entry.is_file() or entry.stat().st_size == 0:
             continue
@@ -359,6 +379,11 @@ def _scan_dicom_folder(folder: Path) -> _DicomScan:
             unreadable.append((entry, _first_line(exc)))
             continue
         if "SeriesInstanceUID" not in ds:
+            sop_class = str(getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", ""))
+            if sop_class.startswith(_IMAGE_STORAGE_PREFIX):
+                # An image whose data set pydicom could not parse to its end: cut off (the
+                # file meta survived, the rest was lost), not a note to skip silently.
+                unreadable.append((entry, TRUNCATED_HEADER))
             continue
         modality = str(getattr(ds, "Modality", "")).upper()
         position = tuple(float(v) for v in getattr(ds, "ImagePositionPatient", []) or [])
@@ -377,7 +402,6 @@ def _scan_dicom_folder(folder: Path) -> _DicomScan:
                 pixel_problem=_pixel_problem(ds),
             )
         )
-    return _DicomScan(found, unreadable)
 
 
 def read_dicom_series(
@@ -442,7 +466,7 @@ def _refuse_damaged_slices(folder: Path, series: List[_DicomFile], unreadable: L
     typical = float(np.median([f.path.stat().st_size for f in series]))
     damaged = [
         (p, why) for p, why in unreadable
-        if p.suffix.lower() == ".dcm" or 0.5 * typical <= p.stat().st_size <= 2.0 * typical
+        if p.suffix.lower() == ".dcm" or why == TRUNCATED_HEADER or 0.5 * typical <= p.stat().st_size <= 2.0 * typical
     ]
     if damaged:
         raise InputError(
