@@ -7,21 +7,22 @@ that only need that CT use the bundled copy and run everywhere.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
+from CovidCTDxLib.evaluation.shared_scans import SCANS_BY_NAME, shared_data_dir
+
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("COVIDCTDX_SHARED_DATA", REPO.parent / "shared" / "data"))
-A0001_DIR = SHARED_DATA / "lung-pet-ct-dx-A0001"
+SHARED_DATA = shared_data_dir()
+A0001_DIR = SCANS_BY_NAME["A0001"].directory()
 #: The bundled copy of A0001's CT (identical to the shared one; its licence allows it).
 A0001_NII = REPO / "Resources" / "SampleData" / "A0001_chest_ct.nii.gz"
 A0001_REF = A0001_DIR / "reference_lungs.nii.gz"
-COVID_DIR = SHARED_DATA / "covid-ct-md-P001"
+COVID_DIR = SCANS_BY_NAME["P001"].directory()
 COVID_DICOM = COVID_DIR / "dicom"
-CAP_DIR = SHARED_DATA / "covid-ct-md-cap002"
-NORMAL_DIR = SHARED_DATA / "covid-ct-md-normal001"
+CAP_DIR = SCANS_BY_NAME["cap002"].directory()
+NORMAL_DIR = SCANS_BY_NAME["normal001"].directory()
 #: Fixtures that read ../shared/data: every test using one must be marked ``realdata``.
 SHARED_DATA_FIXTURES = {
     "a0001_reference", "a0001_tumour_boxes", "covid_dicom_dir", "covid_infected_csv", "cap_dicom_dir", "cap_infected_csv",

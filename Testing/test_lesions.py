@@ -1,12 +1,11 @@
 """Density lesion engine on phantoms with ground truth and on the two real CTs."""
 from __future__ import annotations
 
-import csv
-
 import numpy as np
 import pytest
 from scipy.stats import rankdata
 
+from CovidCTDxLib.evaluation.shared_scans import read_infected_slices, tumour_box_mask
 from CovidCTDxLib.lesions.density import CONSOLIDATION_HU, detect_lesions, split_lesion_types
 from CovidCTDxLib.result import LungMasks
 from CovidCTDxLib.synthetic.phantom import insert_lesions, make_phantom
@@ -66,17 +65,6 @@ def a0001(a0001_nii, a0001_reference):
     return ct, ref == 1, ref == 2
 
 
-def _tumour_mask(shape, csv_path):
-    m = np.zeros(shape, bool)
-    with open(csv_path) as f:
-        for row in csv.reader(f):
-            if not row or not row[1].isdigit():
-                continue
-            k, x0, y0, x1, y1 = int(row[1]), int(row[3]), int(row[4]), int(row[5]), int(row[6])
-            m[k, y0:y1 + 1, x0:x1 + 1] = True
-    return m
-
-
 @pytest.mark.realdata
 @pytest.mark.slow
 def test_a0001_small_lvr_apart_from_tumour(a0001, a0001_tumour_boxes):
@@ -84,7 +72,7 @@ def test_a0001_small_lvr_apart_from_tumour(a0001, a0001_tumour_boxes):
     must not become lesions; the tumour must."""
     ct, right, left = a0001
     les = detect_lesions(ct, _lungs(right, left))
-    tumour = _tumour_mask(ct.shape, a0001_tumour_boxes)
+    tumour = tumour_box_mask(a0001_tumour_boxes, ct.shape)
     lung = right | left
     outside = _lvr(les.lesion & ~tumour, lung)
     assert outside < 1.5, outside
@@ -126,8 +114,7 @@ def test_covid_scan_slice_auc(covid_dicom_dir, covid_infected_csv):
     ct = read_ct(covid_dicom_dir)
     lungs = segment_lungs(ct)
     les = detect_lesions(ct, lungs).lesion
-    with open(covid_infected_csv) as f:
-        labels = np.array([int(r["infected"]) for r in csv.DictReader(f)])
+    labels = read_infected_slices(covid_infected_csv, ct.shape[0])["infected"]
     lung = lungs.lungs
     per_lung = lung.sum((1, 2))
     has = per_lung > 0

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SHARED_DATA
 
 from CovidCTDxLib.evaluation.scan_metrics import dice as dice_score
+from CovidCTDxLib.evaluation.shared_scans import SHARED_SCANS
 from CovidCTDxLib.lungs.engine import segment_lungs
 from CovidCTDxLib.volume import CTVolume
 
@@ -21,12 +21,7 @@ pytestmark = pytest.mark.realdata
 #: Two empty masks score 0 here, not dice_score's default 1: an empty lung is a failure.
 dice = functools.partial(dice_score, empty=0.0)
 
-SCANS = {
-    "A0001": SHARED_DATA / "lung-pet-ct-dx-A0001" / "A0001_chest_ct.nii.gz",
-    "P001": SHARED_DATA / "covid-ct-md-P001" / "dicom",
-    "cap002": SHARED_DATA / "covid-ct-md-cap002" / "dicom",
-    "normal001": SHARED_DATA / "covid-ct-md-normal001" / "dicom",
-}
+SCANS = {scan.name: scan.ct_path() for scan in SHARED_SCANS}
 #: A slice "loses its lung" when its area is below this share of both neighbours' (issue 16);
 #: only slices whose neighbours hold at least MIN_AREA_SHARE of the lung's largest section
 #: are judged (at the apex and the dome the area legitimately halves from slice to slice).

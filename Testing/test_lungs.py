@@ -1,7 +1,6 @@
 """Lung masking: real CTs with references, phantoms with ground truth, bad inputs, model hook."""
 from __future__ import annotations
 
-import csv
 import functools
 
 import numpy as np
@@ -10,6 +9,7 @@ import torch
 
 from CovidCTDxLib.errors import CancelledError, LungsNotFoundError, WeightsError
 from CovidCTDxLib.evaluation.scan_metrics import dice as dice_score
+from CovidCTDxLib.evaluation.shared_scans import tumour_box_mask
 from CovidCTDxLib.lungs.engine import segment_lungs
 from CovidCTDxLib.lungs.model_hook import TorchLungModel
 from CovidCTDxLib.models.lung_unet import UNet2D
@@ -70,12 +70,7 @@ def test_a0001_airways_found_and_excluded(a0001):
 
 
 def _tumour(ct, ref, boxes_csv):
-    boxes = list(csv.reader(open(boxes_csv)))[1:]
-    box = np.zeros(ct.shape, bool)
-    for row in boxes:
-        k, i0, j0, i1, j1 = int(row[1]), int(row[3]), int(row[4]), int(row[5]), int(row[6])
-        box[k, j0:j1 + 1, i0:i1 + 1] = True
-    return box & (ref == 2)  # the tumour as the reference drew it (box minus mediastinum)
+    return tumour_box_mask(boxes_csv, ct.shape) & (ref == 2)  # the tumour as the reference drew it (box minus mediastinum)
 
 
 @pytest.mark.realdata

@@ -6,6 +6,7 @@ import pytest
 import SimpleITK as sitk
 
 from CovidCTDxLib.errors import LungsNotFoundError
+from CovidCTDxLib.evaluation.shared_scans import read_infected_slices
 from CovidCTDxLib.racnet.slice_selection import (
     DARK_HU,
     select_by_lungs,
@@ -98,10 +99,7 @@ def test_rule_is_matrix_independent(covid_ct):
 @pytest.mark.realdata
 def test_covid_selection_covers_infected_slices(covid_ct, covid_infected_csv):
     """Most radiologist-labelled infected slices lie in the selected (open-lung) range."""
-    import csv
-
-    with open(covid_infected_csv) as f:
-        infected = [int(r["k"]) for r in csv.DictReader(f) if r["infected"] == "1"]
+    infected = np.flatnonzero(read_infected_slices(covid_infected_csv, covid_ct.shape[0])["infected"]).tolist()
     sel = select_slices(covid_ct)  # no lungs -> COVID-CTset
     assert sel.method == "covid_ctset"
     chosen = set(sel.indices.tolist())

@@ -17,13 +17,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from CovidCTDxLib.evaluation.shared_scans import SCANS_BY_NAME  # noqa: E402
 from CovidCTDxLib.findings.metrics import compute_findings  # noqa: E402
 from CovidCTDxLib.lesions.density import detect_lesions, split_lesion_types  # noqa: E402
 from CovidCTDxLib.lungs.zones import compute_zones  # noqa: E402
 from CovidCTDxLib.result import LesionMasks, LungMasks  # noqa: E402
 from CovidCTDxLib.volume import CTVolume  # noqa: E402
 
-COVID = Path(__file__).resolve().parents[2] / "shared" / "data" / "covid-ct-md-P001" / "dicom"
+COVID = SCANS_BY_NAME["P001"].ct_path()
 
 
 def _case():

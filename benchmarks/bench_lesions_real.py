@@ -33,14 +33,12 @@ containing lung; per side against the side's lobe columns), and the engine's run
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
-import os
 import pickle
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 
@@ -51,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import print_table  # noqa: E402
 
 from CovidCTDxLib.evaluation.scan_metrics import dice, slice_auc  # noqa: E402
+from CovidCTDxLib.evaluation.shared_scans import SCANS_BY_NAME, read_infected_slices  # noqa: E402
 from CovidCTDxLib.lesions.density import detect_lesions, split_lesion_types  # noqa: E402
 from CovidCTDxLib.result import LungMasks  # noqa: E402
 from CovidCTDxLib.synthetic.transforms import (  # noqa: E402
@@ -64,14 +63,6 @@ from CovidCTDxLib.volume import CTVolume  # noqa: E402
 
 log = logging.getLogger("bench_lesions_real")
 
-SHARED_DATA = Path(os.environ.get("COVIDCTDX_SHARED_DATA", REPO.parent / "shared" / "data"))
-CASES = {
-    "A0001": "lung-pet-ct-dx-A0001/A0001_chest_ct.nii.gz",
-    "P001": "covid-ct-md-P001/dicom",
-    "cap002": "covid-ct-md-cap002/dicom",
-    "normal001": "covid-ct-md-normal001/dicom",
-}
-LABELS = {"P001": "covid-ct-md-P001/infected_slices.csv", "cap002": "covid-ct-md-cap002/infected_slices.csv"}
 VARIANTS = ("native", "5mm", "8mm", "sharp", "8mm sharp")
 #: Sharp-kernel noise (HU) added by the sharp variants (B70f-like at 1-2 mm; on 8 mm slabs it
 #: is more than a real scanner gives, a stress test).
@@ -87,7 +78,7 @@ def load_case(name: str, cache: Optional[Path]) -> Tuple[CTVolume, LungMasks]:
     from CovidCTDxLib.io.readers import read_ct
     from CovidCTDxLib.lungs.engine import segment_lungs
 
-    ct = read_ct(SHARED_DATA / CASES[name])
+    ct = read_ct(SCANS_BY_NAME[name].ct_path())
     lungs = segment_lungs(ct)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -149,14 +140,6 @@ def insertion_rows(name: str, ct: CTVolume, lungs: LungMasks, variants: List[str
     return rows
 
 
-def _labels(name: str) -> Optional[Dict[str, np.ndarray]]:
-    if name not in LABELS or not (SHARED_DATA / LABELS[name]).exists():
-        return None
-    with open(SHARED_DATA / LABELS[name]) as f:
-        rows = list(csv.DictReader(f))
-    return {key: np.array([int(r[key]) for r in rows]) for key in rows[0]}
-
-
 def slice_scores(lesion: np.ndarray, lung: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """Per-slice lesion share of the slice's lung, and which slices contain lung."""
     per = lung.sum((1, 2))
@@ -172,7 +155,10 @@ def real_row(name: str, ct: CTVolume, lungs: LungMasks) -> list:
     row = [name, 100 * np.count_nonzero(les.lesion) / np.count_nonzero(lung),
            round(float(np.count_nonzero(les.lesion) * ct.voxel_volume_ml), 1),
            np.count_nonzero(les.ggo) / n, np.count_nonzero(les.lesion & lungs.left) / n]
-    labels = _labels(name)
+    scan = SCANS_BY_NAME[name]
+    labels = None
+    if scan.infected_slices and (scan.directory() / scan.infected_slices).exists():
+        labels = read_infected_slices(scan.directory() / scan.infected_slices, ct.shape[0])
     if labels is None:
         row += ["–", "–", "–"]
     else:
@@ -189,7 +175,7 @@ def real_row(name: str, ct: CTVolume, lungs: LungMasks) -> list:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--cases", default=",".join(SCANS_BY_NAME))
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--cache", type=Path, default=None, help="pickle each scan and its lungs here")
     parser.add_argument("--no-insertion", action="store_true")
@@ -198,8 +184,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(name)s: %(message)s")
     ins_rows, real_rows = [], []
     for name in a.cases.split(","):
-        if not (SHARED_DATA / CASES[name]).exists():
-            log.warning("skipping %s: not in %s", name, SHARED_DATA)
+        if not SCANS_BY_NAME[name].ct_path().exists():
+            log.warning("skipping %s: %s not found", name, SCANS_BY_NAME[name].ct_path())
             continue
         ct, lungs = load_case(name, a.cache)
         real_rows.append(real_row(name, ct, lungs))

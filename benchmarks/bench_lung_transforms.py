@@ -27,6 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from CovidCTDxLib.errors import InputError, LungsNotFoundError  # noqa: E402
+from CovidCTDxLib.evaluation.shared_scans import SCANS_BY_NAME, shared_data_dir  # noqa: E402
 from CovidCTDxLib.io.readers import read_ct  # noqa: E402
 from CovidCTDxLib.lungs.engine import segment_lungs  # noqa: E402
 from CovidCTDxLib.result import LungMasks  # noqa: E402
@@ -35,12 +36,6 @@ from CovidCTDxLib.volume import CTVolume  # noqa: E402
 
 log = logging.getLogger("bench_lung_transforms")
 
-SCANS = {
-    "A0001": "lung-pet-ct-dx-A0001/A0001_chest_ct.nii.gz",
-    "P001": "covid-ct-md-P001/dicom",
-    "cap002": "covid-ct-md-cap002/dicom",
-    "normal001": "covid-ct-md-normal001/dicom",
-}
 #: The product's target per lung.
 TARGET_DICE = 0.97
 #: A slice counts as lost when the reference has at least this much lung on it (mm^2) and
@@ -154,9 +149,8 @@ def _markdown(rows: Sequence[Sequence[str]]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    default_data = Path(__file__).resolve().parents[2] / "shared" / "data"
-    ap.add_argument("--data", type=Path, default=default_data, help="folder of the real scans")
-    ap.add_argument("--scans", nargs="*", default=list(SCANS), help="subset of " + ", ".join(SCANS))
+    ap.add_argument("--data", type=Path, default=shared_data_dir(), help="folder of the real scans")
+    ap.add_argument("--scans", nargs="*", default=list(SCANS_BY_NAME), help="subset of " + ", ".join(SCANS_BY_NAME))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, help="also write the markdown table here")
     args = ap.parse_args()
@@ -164,7 +158,7 @@ def main() -> None:
     log.setLevel(logging.INFO)
     rows: List[List[str]] = []
     for scan in args.scans:
-        path = args.data / SCANS[scan]
+        path = SCANS_BY_NAME[scan].ct_path(args.data)
         if not path.exists():
             log.info("%s: absent (%s), skipped", scan, path)
             continue

@@ -23,6 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _measure import measure, print_table  # noqa: E402
 
+from CovidCTDxLib.evaluation.shared_scans import SCANS_BY_NAME  # noqa: E402
+
 BUDGET_S = 10.0
 CASES = [
     # (kind, lvr %, shape (z, y, x), spacing (x, y, z))
@@ -51,12 +53,11 @@ def run_insert(kind, lvr):
     from CovidCTDxLib.synthetic.phantom import insert_lesions
     from CovidCTDxLib.volume import CTVolume
 
-    root = Path(os.environ.get("COVIDCTDX_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-    d = root / "lung-pet-ct-dx-A0001"
-    img = sitk.ReadImage(str(d / "A0001_chest_ct.nii.gz"))
+    a0001 = SCANS_BY_NAME["A0001"]
+    img = sitk.ReadImage(str(a0001.ct_path()))
     ct = CTVolume(sitk.GetArrayFromImage(img), img.GetSpacing(), img.GetOrigin(),
                   np.array(img.GetDirection()).reshape(3, 3))
-    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(d / "reference_lungs.nii.gz")))
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(a0001.directory() / a0001.reference)))
     cpu0 = time.process_time()
     t0 = time.perf_counter()
     out = insert_lesions(ct, labels == 1, labels == 2, kind, lvr, seed=0)
@@ -84,8 +85,7 @@ def main() -> None:
         ["case", "wall s", "cpu s", "wall/budget", "peak RSS GB", "LVR got/asked %", "slowest stages (s)"],
         rows,
     )
-    root = Path(os.environ.get("COVIDCTDX_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-    if (root / "lung-pet-ct-dx-A0001" / "A0001_chest_ct.nii.gz").exists():
+    if SCANS_BY_NAME["A0001"].ct_path().exists():
         rows = []
         for kind, lvr in (("covid", 10.0), ("cap", 4.0)):
             r = measure(run_insert, kind, lvr)

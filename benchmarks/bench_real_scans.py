@@ -18,7 +18,6 @@ describe four development scans, not a validation set.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import math
@@ -29,7 +28,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -46,32 +44,17 @@ from CovidCTDxLib.evaluation.scan_metrics import (  # noqa: E402
     slice_auc,
     worst_slice_loss,
 )
+from CovidCTDxLib.evaluation.shared_scans import (  # noqa: E402
+    SHARED_SCANS,
+    SharedScan,
+    read_infected_slices,
+    shared_data_dir,
+    tumour_box_mask,
+)
 
 log = logging.getLogger("bench_real_scans")
 
-SHARED_DATA = Path(os.environ.get("COVIDCTDX_SHARED_DATA", REPO.parent / "shared" / "data"))
 DASH = "–"
-
-
-@dataclass(frozen=True)
-class Scan:
-    """One real scan: where its CT is and which labels come with it."""
-
-    name: str
-    folder: str
-    ct: str  # relative to the folder: a NIfTI file or a DICOM series folder
-    reference: Optional[str] = None  # labelmap 1=right, 2=left, 3=airways (same grid)
-    tumour_boxes: Optional[str] = None
-    infected_slices: Optional[str] = None
-
-
-SCANS = (
-    Scan("A0001", "lung-pet-ct-dx-A0001", "A0001_chest_ct.nii.gz",
-         reference="reference_lungs.nii.gz", tumour_boxes="tumour_boxes.csv"),
-    Scan("P001", "covid-ct-md-P001", "dicom", infected_slices="infected_slices.csv"),
-    Scan("cap002", "covid-ct-md-cap002", "dicom", infected_slices="infected_slices.csv"),
-    Scan("normal001", "covid-ct-md-normal001", "dicom"),
-)
 
 COLUMNS = (
     ("scan", "scan"),
@@ -103,34 +86,6 @@ def read_ct(path: Path) -> sitk.Image:
         reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), ids[0]))
         return reader.Execute()
     return sitk.ReadImage(str(path))
-
-
-def read_infected_csv(path: Path, n_slices: int) -> dict[str, np.ndarray]:
-    """Per-slice 0/1 columns of ``infected_slices.csv`` as arrays indexed by slice k."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    cols = [c for c in rows[0] if c != "k"]
-    out = {c: np.zeros(n_slices, dtype=bool) for c in cols}
-    for r in rows:
-        k = int(r["k"])
-        if not 0 <= k < n_slices:
-            raise ValueError(f"{path}: slice k={k} outside the CT's {n_slices} slices")
-        for c in cols:
-            out[c][k] = r[c].strip() == "1"
-    if len(rows) != n_slices:
-        log.warning("%s has %d rows for %d slices", path.name, len(rows), n_slices)
-    return out
-
-
-def tumour_mask(path: Path, shape_zyx: tuple[int, ...]) -> np.ndarray:
-    """Union of the 2D tumour boxes (inclusive pixel bounds) as a (z, y, x) mask."""
-    box = np.zeros(shape_zyx, dtype=bool)
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))[1:]
-    for r in rows:
-        k, x0, y0, x1, y1 = int(r[1]), int(r[3]), int(r[4]), int(r[5]), int(r[6])
-        box[k, y0:y1 + 1, x0:x1 + 1] = True
-    return box
 
 
 # --- running the CLI --------------------------------------------------------------------
@@ -219,7 +174,7 @@ def _label_text(block: Any) -> str:
     return text
 
 
-def score_scan(scan: Scan, folder: Path, out: Path, run_s: float) -> dict[str, Any]:
+def score_scan(scan: SharedScan, folder: Path, out: Path, run_s: float) -> dict[str, Any]:
     """All scoreboard numbers for one scan from the files the CLI wrote."""
     ct = read_ct(folder / scan.ct)
     results = json.loads((out / "results.json").read_text())
@@ -254,7 +209,7 @@ def score_scan(scan: Scan, folder: Path, out: Path, run_s: float) -> dict[str, A
         row["dice_left"] = dice(left, ref == 2)
         row["airway_share"] = share_inside(ref == 3, lungs)  # reference airway inside our lung
         if scan.tumour_boxes:
-            tumour = tumour_mask(folder / scan.tumour_boxes, ref.shape) & (ref == 2)
+            tumour = tumour_box_mask(folder / scan.tumour_boxes, ref.shape) & (ref == 2)
             row["tumour_share"] = share_inside(tumour, left)
     elif "airways" in masks:
         row["airway_share"] = share_inside(masks["airways"], lungs)
@@ -264,7 +219,7 @@ def score_scan(scan: Scan, folder: Path, out: Path, run_s: float) -> dict[str, A
     row["lvr"] = findings.get("lesion_volume_ratio_percent")
 
     if scan.infected_slices and "lesion" in masks:
-        labels = read_infected_csv(folder / scan.infected_slices, lungs.shape[0])
+        labels = read_infected_slices(folder / scan.infected_slices, lungs.shape[0])
         lesion = masks["lesion"]
         has_lung = np.count_nonzero(lungs, axis=(1, 2)) > 0
         per_slice = np.count_nonzero(lesion, axis=(1, 2))
@@ -334,18 +289,18 @@ def _jsonable(x: Any) -> Any:
 
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--scans", default=",".join(s.name for s in SCANS),
-                    help="comma-separated subset of " + ",".join(s.name for s in SCANS))
+    ap.add_argument("--scans", default=",".join(s.name for s in SHARED_SCANS),
+                    help="comma-separated subset of " + ",".join(s.name for s in SHARED_SCANS))
     ap.add_argument("--out", type=Path, help="keep outputs in DIR/<scan> (default: temp dir)")
     ap.add_argument("--json", type=Path, help="also write the rows to this JSON file")
     ap.add_argument("--cli-args", default="",
                     help='extra arguments for covidctdx run, e.g. --cli-args="--stages lungs"')
-    ap.add_argument("--data", type=Path, default=SHARED_DATA, help="shared data folder")
+    ap.add_argument("--data", type=Path, default=shared_data_dir(), help="shared data folder")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
     wanted = [s.strip() for s in args.scans.split(",") if s.strip()]
-    unknown = set(wanted) - {s.name for s in SCANS}
+    unknown = set(wanted) - {s.name for s in SHARED_SCANS}
     if unknown:
         ap.error(f"unknown scans: {', '.join(sorted(unknown))}")
     cli_args = shlex.split(args.cli_args)
@@ -361,7 +316,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     rows: list[dict[str, Any]] = []
     notes: list[str] = []
     try:
-        for scan in SCANS:
+        for scan in SHARED_SCANS:
             if scan.name not in wanted:
                 continue
             folder = args.data / scan.folder
