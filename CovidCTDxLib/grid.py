@@ -3,7 +3,7 @@ factors, bounding boxes, and SimpleITK's ball kernel for scipy morphology.
 
 Also mm-radius binary morphology (SimpleITK ball kernels on scipy, or exact Euclidean balls
 from distance maps), per-slice hole filling, connected components and small-component
-removal, computed on bounding boxes.
+removal, computed on bounding boxes, and the robust noise SD both engines measure with.
 
 Shared by the lung engine (its ~2.5 mm working grid), its enclosure fill (a ~5 mm ray
 grid), the lesion engine, zones and findings, so all of them shrink, paste back and crop
@@ -299,6 +299,14 @@ def components(mask: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     return labels, np.bincount(labels.ravel())
 
 
+def components_26(mask: np.ndarray) -> Tuple[np.ndarray, int]:
+    """26-connected components labelled 1..n in scan order, and n: the labels for
+    per-component sums (``np.bincount`` over them). Why 26-connected: on thick slices a
+    lesion's margin or a grown region meets its neighbour slice only at an edge or a corner."""
+    labels, n = ndi.label(mask, structure=np.ones((3, 3, 3), bool))
+    return labels, int(n)
+
+
 def remove_small_components(mask: np.ndarray, min_voxels: int) -> np.ndarray:
     """Drop the 26-connected components smaller than ``min_voxels``, on the bounding box."""
     box = bbox(mask)
@@ -308,3 +316,11 @@ def remove_small_components(mask: np.ndarray, min_voxels: int) -> np.ndarray:
     cc = sitk.ConnectedComponent(sitk.GetImageFromArray(mask[box].astype(np.uint8)), True)
     out[box] = sitk.GetArrayFromImage(sitk.RelabelComponent(cc, minimumObjectSize=int(min_voxels))) > 0
     return out
+
+
+# ------------------------------------------------------------------------- voxel statistics
+def robust_sd(values: np.ndarray) -> float:
+    """1.4826 x the median absolute deviation: the standard deviation of the values' Gaussian
+    part (scanner noise), unmoved by the minority a plain SD would count (vessels, edges)."""
+    v = np.asarray(values, dtype=np.float64)
+    return float(1.4826 * np.median(np.abs(v - np.median(v))))

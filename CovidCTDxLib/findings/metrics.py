@@ -40,7 +40,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from ..errors import InputError, LungsNotFoundError
-from ..grid import bbox
+from ..grid import bbox, components_26
 from ..result import LesionMasks, LungMasks, LungZones
 from ..volume import CTVolume
 
@@ -401,7 +401,7 @@ def _components(lesion: np.ndarray, labels: np.ndarray, ct: CTVolume, box, n_zon
         return 0, count_per_zone, []
     sub = lesion[sub_box]
     offset = [b.start + s.start for b, s in zip(box, sub_box)]
-    cc, n = ndi.label(sub, structure=np.ones((3, 3, 3), bool))
+    cc, n = components_26(sub)
     ml = ct.voxel_volume_ml
     min_vox = int(math.ceil(MIN_COUNTED_LESION_ML / ml - 1e-9))
     flat = cc.ravel()

@@ -66,12 +66,15 @@ from ..grid import (
     bbox,
     block_mean,
     closing_mm,
+    components_26,
     dilate_mm,
+    disc_mm,
     fill_holes_2d,
     inplane_cross,
     opening_mm,
     paste_nearest,
     remove_small_components,
+    robust_sd,
 )
 from ..progress import Progress
 from ..result import LesionMasks, LungMasks
@@ -252,7 +255,7 @@ def _noise_sd(hu: np.ndarray, lung: np.ndarray) -> float:
     d = (a - b)[both]
     if d.size < 100:
         return 0.0
-    return float(1.4826 * np.median(np.abs(d - np.median(d))) / np.sqrt(2.0))
+    return robust_sd(d) / np.sqrt(2.0)
 
 
 def _thin_bright(hu: np.ndarray, spacing_zyx, slice_mm: float, noise_sd: float) -> np.ndarray:
@@ -270,10 +273,7 @@ def _thin_bright(hu: np.ndarray, spacing_zyx, slice_mm: float, noise_sd: float) 
     noise, which the noise term keeps below the threshold. Such ridges are no parenchyma
     (weight 0), like the voxels above -300 HU.
     """
-    radius_mm = min(VESSEL_MAX_RADIUS_MM, 0.5 * slice_mm)
-    ry, rx = (max(1, int(round(radius_mm / s))) for s in spacing_zyx[1:])
-    yy, xx = np.ogrid[-ry:ry + 1, -rx:rx + 1]
-    disk = ((yy / (ry + 0.5)) ** 2 + (xx / (rx + 0.5)) ** 2 <= 1.0)[None]
+    disk = disc_mm(spacing_zyx, min(VESSEL_MAX_RADIUS_MM, 0.5 * slice_mm), min_radius_vox=1)
     height = max(GGO_CONTRAST_HU, NOISE_FACTOR * np.sqrt(2.0) * noise_sd)
     return hu - ndi.grey_opening(hu, footprint=disk) >= height
 
@@ -320,7 +320,7 @@ def _consolidation(thick: np.ndarray, excess: np.ndarray, trusted: np.ndarray, l
     if not thick.any():
         return thick
     grown = dilate_mm(thick, spacing_zyx, MARGIN_MM)
-    labels, n = ndi.label(grown, structure=np.ones((3, 3, 3), bool))
+    labels, n = components_26(grown)
     ring = grown & ~thick & trusted
     sums = np.bincount(labels[ring], weights=excess[ring], minlength=n + 1)
     counts = np.bincount(labels[ring], minlength=n + 1)
@@ -332,7 +332,7 @@ def _consolidation(thick: np.ndarray, excess: np.ndarray, trusted: np.ndarray, l
     if not bulky.any():
         return opacified
     grown = dilate_mm(bulky, spacing_zyx, MARGIN_MM)
-    labels, n = ndi.label(grown, structure=np.ones((3, 3, 3), bool))
+    labels, n = components_26(grown)
     shell = grown & ~dilate_mm(bulky, spacing_zyx, VESSEL_HALO_MM)
     shell_voxels = np.bincount(labels[shell], minlength=n + 1)
     aerated = np.bincount(labels[shell & lung & ~dense], minlength=n + 1)
@@ -373,7 +373,7 @@ def _half_maximum_edge(core: np.ndarray, excess: np.ndarray, needed: np.ndarray,
     ground glass). A fixed small contrast let every lesion grow by the whole margin: inserted
     GGO volume +26..+77 %."""
     near = dilate_mm(core, spacing_zyx, MARGIN_MM) & lung
-    labels, n = ndi.label(near, structure=np.ones((3, 3, 3), bool))
+    labels, n = components_26(near)
     if n == 0:
         return near
     # the plateau next to the edge: lesion voxels within MARGIN_MM of its surface (a dense core

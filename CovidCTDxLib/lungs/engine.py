@@ -52,6 +52,7 @@ from ..grid import (
     opening_inplane_mm,
     paste_linear,
     paste_nearest,
+    robust_sd,
 )
 from ..progress import Progress
 from ..result import LungMasks
@@ -264,7 +265,7 @@ def _denoise(coarse: np.ndarray) -> np.ndarray:
     residual = (coarse - median)[soft]
     if residual.size == 0:
         return coarse
-    sd = 1.4826 * float(np.median(np.abs(residual - np.median(residual))))  # robust SD
+    sd = robust_sd(residual)
     if SOFT_TISSUE_MEAN_HU + BONE_NOISE_SD * sd < BONE_HU:
         return coarse
     log.info("working image noise %.0f HU: tissue classes read on its median", sd)
