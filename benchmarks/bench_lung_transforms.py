@@ -27,6 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from CovidCTDxLib.errors import InputError, LungsNotFoundError  # noqa: E402
+from CovidCTDxLib.evaluation.scan_metrics import dice  # noqa: E402
 from CovidCTDxLib.evaluation.shared_scans import SCANS_BY_NAME, shared_data_dir  # noqa: E402
 from CovidCTDxLib.io.readers import read_ct  # noqa: E402
 from CovidCTDxLib.lungs.engine import segment_lungs  # noqa: E402
@@ -55,10 +56,6 @@ EFFUSION_MM = 30.0
 
 Truth = Tuple[np.ndarray, np.ndarray]
 Case = Tuple[CTVolume, Truth]
-
-
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    return 2.0 * float((a & b).sum()) / max(1, int(a.sum()) + int(b.sum()))
 
 
 def _lost_slices(ct: CTVolume, truth: np.ndarray, seg: np.ndarray) -> int:
@@ -122,10 +119,10 @@ def _row(scan: str, name: str, ct: CTVolume, truth: Truth, airways_ml: float) ->
                 f"FAIL: {error}"]
     cells, ok = [], True
     for t, s in zip(truth, (seg.right, seg.left)):
-        d = _dice(t, s)
+        d = dice(t, s, empty=0.0)  # an empty lung on both sides is a failure here
         ok &= d >= TARGET_DICE
         cells.append((d, t, s))
-    dice = [f"{d:.4f}" for d, _, _ in cells]
+    dice_cells = [f"{d:.4f}" for d, _, _ in cells]
     vols = [f"{t.sum() * ml:.0f} / {s.sum() * ml:.0f}" for _, t, s in cells]
     errs = [f"{(t & ~s).sum() * ml:.0f} / {(s & ~t).sum() * ml:.0f}" for _, t, s in cells]
     lost = sum(_lost_slices(ct, t, s) for _, t, s in cells)
@@ -133,7 +130,7 @@ def _row(scan: str, name: str, ct: CTVolume, truth: Truth, airways_ml: float) ->
     if lost:
         verdict += f" ({lost} lung slices lost)"
     airways = f"{airways_ml:.0f} / {seg.airways.sum() * ml:.0f}"
-    return [scan, name, *dice, *vols, *errs, airways, f"{seconds:.1f}", verdict]
+    return [scan, name, *dice_cells, *vols, *errs, airways, f"{seconds:.1f}", verdict]
 
 
 HEADER = ["scan", "transformation", "Dice R", "Dice L", "R mL ref / seg", "L mL ref / seg",
