@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from scipy.stats import rankdata
 
+from CovidCTDxLib.evaluation.scan_metrics import binary_auc
 from CovidCTDxLib.evaluation.shared_scans import read_infected_slices, tumour_box_mask
 from CovidCTDxLib.lesions.density import CONSOLIDATION_HU, detect_lesions, split_lesion_types
 from CovidCTDxLib.result import LungMasks
@@ -98,13 +98,6 @@ def test_a0001_inserted_lesions_recovered(a0001, kind):
 
 
 # ----------------------------------------------------------------- real COVID-19 scan
-def _auc(score, label):
-    r = rankdata(score)
-    pos = label.astype(bool)
-    n1, n0 = pos.sum(), (~pos).sum()
-    return (r[pos].sum() - n1 * (n1 + 1) / 2) / (n1 * n0)
-
-
 @pytest.mark.realdata
 @pytest.mark.slow
 def test_covid_scan_slice_auc(covid_dicom_dir, covid_infected_csv):
@@ -120,7 +113,7 @@ def test_covid_scan_slice_auc(covid_dicom_dir, covid_infected_csv):
     has = per_lung > 0
     share = les.sum((1, 2)) / np.maximum(per_lung, 1)
     plain = (lung & (ct.array > -750) & (ct.array < -300)).sum((1, 2)) / np.maximum(per_lung, 1)
-    auc, auc_plain = _auc(share[has], labels[has]), _auc(plain[has], labels[has])
+    auc, auc_plain = binary_auc(labels[has], share[has]), binary_auc(labels[has], plain[has])
     print(f"slice AUC engine {auc:.3f}, plain -750..-300 HU threshold {auc_plain:.3f}")
     assert auc >= 0.9
     assert auc > auc_plain

@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _measure import measure, print_table  # noqa: E402
 
+from CovidCTDxLib.evaluation.scan_metrics import dice  # noqa: E402
 from CovidCTDxLib.lungs.engine import segment_lungs  # noqa: E402  (imported once: time the engine, not imports)
 from CovidCTDxLib.volume import CTVolume  # noqa: E402
 
@@ -37,13 +38,9 @@ def make_ct():
     return p.ct, p.right_lung, p.left_lung
 
 
-def _dice(a, b) -> float:
-    return 2.0 * float((a & b).sum()) / max(1, int(a.sum() + b.sum()))
-
-
 def run_engine(ct, right, left):
     m = segment_lungs(ct)
-    return {"dice_right": _dice(m.right, right), "dice_left": _dice(m.left, left)}
+    return {"dice_right": dice(m.right, right, empty=0.0), "dice_left": dice(m.left, left, empty=0.0)}
 
 
 def run_unet(ct, n_slices: int, wf: int):
